@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import Swtpm, make_luks_image, write_key_file  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swtpm]:
+    if shutil.which("swtpm") is None:
+        pytest.fail("swtpm is not installed (run .ci/run or the README's set-up command)")
+    tpm = Swtpm(tmp_path_factory.mktemp("swtpm-state"))
+    tpm.start()
+    yield tpm
+    tpm.stop()
+
+
+@pytest.fixture
+def tpm(swtpm: Swtpm) -> Iterator[Swtpm]:
+    """The session's swtpm, freshly 'rebooted' (PCRs reset, no lockout) for each test."""
+    if swtpm.proc is None:
+        swtpm.start()
+    swtpm.reboot()
+    swtpm.clear_lockout()
+    yield swtpm
+    if swtpm.proc is None:
+        swtpm.start()
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Path:
+    return make_luks_image(tmp_path / "disk.img")
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    return write_key_file(tmp_path)

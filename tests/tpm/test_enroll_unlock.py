@@ -1,0 +1,98 @@
+"""enrol + unlock for each store, against a real swtpm and real LUKS2 images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import PASSPHRASE, Swtpm, luks_json, opens, our_tokens, run_cli
+
+pytestmark = pytest.mark.tpm
+
+
+def enroll(disk: Path, key_file: Path, tpm: Swtpm, *extra: str) -> None:
+    done = run_cli("enroll", str(disk), "--unlock-key-file", str(key_file), *extra, tpm=tpm)
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"enrolled keyslot 1" in done.stderr
+
+
+@pytest.mark.parametrize("store", ["token", "nv", "file"])
+def test_enroll_then_unlock_with_no_prompt(store: str, disk: Path, key_file: Path, tpm: Swtpm, tmp_path: Path) -> None:
+    spec = {"token": "token", "nv": "nv", "file": f"file={tmp_path / 'blob'}"}[store]
+    enroll(disk, key_file, tpm, "--store", spec)
+    tokens = our_tokens(disk)
+    assert len(tokens) == 1
+    token = next(iter(tokens.values()))
+    assert token["store"] == store and token["keyslots"] == ["1"]
+    assert sorted(luks_json(disk)["keyslots"]) == ["0", "1"]
+    assert opens(disk, PASSPHRASE, slot=0), "the passphrase keyslot must still open the disk"
+    done = run_cli("unlock", str(disk), "--test", "--tries", "0", tpm=tpm)
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"unlocked with the TPM" in done.stderr
+    if store == "nv":
+        assert token["nv_index"] == "0x01500016"
+        public = tpm.tools("tpm2_nvreadpublic", "0x1500016").stdout.decode()
+        assert "policyread" in public and "authwrite" in public and "no_da" in public
+    if store == "file":
+        assert (tmp_path / "blob" / "key.pub").stat().st_size > 0
+        assert (tmp_path / "blob" / "key.priv").stat().st_size > 0
+
+
+def test_file_store_blob_is_read_by_tpm2_tools(disk: Path, key_file: Path, tpm: Swtpm, tmp_path: Path) -> None:
+    """Our key.pub/key.priv are tpm2_create's format: tpm2_load + tpm2_unseal give the keyslot's key."""
+    blob = tmp_path / "blob"
+    enroll(disk, key_file, tpm, "--store", f"file={blob}", "--pcrs", "sha256:0,7")
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    tpm.tools("tpm2_createprimary", "-C", "o", "--key-algorithm=ecc", f"--key-context={ctx / 'primary.ctx'}")
+    tpm.tools("tpm2_load", f"--parent-context={ctx / 'primary.ctx'}", f"--public={blob / 'key.pub'}",
+              f"--private={blob / 'key.priv'}", f"--key-context={ctx / 'key.ctx'}")
+    tpm.tools("tpm2_flushcontext", "-t")
+    key = tpm.tools("tpm2_unseal", f"--object-context={ctx / 'key.ctx'}", "--auth=pcr:sha256:0,7").stdout
+    tpm.tools("tpm2_flushcontext", "-t")
+    assert len(key) == 32
+    assert opens(disk, key, slot=1)
+
+
+def test_enroll_twice_is_refused(disk: Path, key_file: Path, tpm: Swtpm) -> None:
+    enroll(disk, key_file, tpm)
+    done = run_cli("enroll", str(disk), "--unlock-key-file", str(key_file), tpm=tpm)
+    assert done.returncode == 1
+    assert b"already enrolled" in done.stderr
+    assert len(our_tokens(disk)) == 1
+
+
+def test_enroll_with_wrong_key_file_changes_nothing(disk: Path, tpm: Swtpm, tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong.key"
+    wrong.write_bytes(b"not the passphrase")
+    before = luks_json(disk)
+    done = run_cli("enroll", str(disk), "--unlock-key-file", str(wrong), tpm=tpm)
+    assert done.returncode == 6
+    assert b"does not open any keyslot" in done.stderr
+    assert luks_json(disk) == before
+
+
+def test_enroll_asks_passphrase_on_terminal(disk: Path, tpm: Swtpm) -> None:
+    import os
+
+    import pexpect
+    from helpers import unlocker_command
+    cmd = unlocker_command()
+    env = dict(os.environ, TPM2_UNLOCKER_TCTI=tpm.tcti)
+    child = pexpect.spawn(cmd[0], [*cmd[1:], "enroll", str(disk)], env=env, timeout=60)
+    child.expect("Passphrase for ")
+    child.sendline(b"wrong one")
+    child.expect("does not open the disk")
+    child.expect("Passphrase for ")
+    child.sendline(PASSPHRASE)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+    assert len(our_tokens(disk)) == 1
+
+
+def test_enroll_with_pcrs_of_sha1_and_sha384_banks(disk: Path, key_file: Path, tpm: Swtpm) -> None:
+    enroll(disk, key_file, tpm, "--pcrs", "sha384:0,1,2,3,4,5,6,7,8,9")
+    assert run_cli("unlock", str(disk), "--test", "--tries", "0", tpm=tpm).returncode == 0
+    token = next(iter(our_tokens(disk).values()))
+    assert token["pcr_bank"] == "sha384" and len(token["pcr_values"]) == 10

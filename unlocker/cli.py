@@ -1,0 +1,172 @@
+"""Command line: parses arguments, calls one verb, and is the one place errors become exit codes.
+
+Verb modules are imported lazily so `--version` and `--help` never load tpm2_pytss (start-up cost
+matters in the initramfs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from . import __version__
+from .errors import EXIT_OK, EXIT_USAGE, UnlockerError, UsageError
+from .log import hint, say
+from .policy import DEFAULT_PCRS, PcrSelection
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # argparse exits 2; usage errors are 1 here
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _selection(text: str) -> PcrSelection:
+    return PcrSelection.parse(text)
+
+
+def verb_enroll(opts: argparse.Namespace) -> int:
+    from .enroll import EnrollOptions, enroll
+    from .store import StoreSpec
+
+    token = enroll(EnrollOptions(opts.device, opts.pcrs, StoreSpec.parse(opts.store), opts.unlock_key_file, opts.tcti))
+    say(f"{opts.device}: enrolled keyslot {token.keyslot} sealed to {token.selection} "
+        f"({token.describe_store()}, token {token.token_id}); the passphrase still opens the disk")
+    return EXIT_OK
+
+
+def verb_unlock(opts: argparse.Namespace) -> int:
+    from .unlock import UnlockOptions, unlock
+
+    if opts.tries < 0:
+        raise UsageError("--tries must be 0 or more")
+    unlock(UnlockOptions(opts.device, opts.name, opts.test, opts.tries, opts.tcti))
+    return EXIT_OK
+
+
+def verb_reseal(opts: argparse.Namespace) -> int:
+    from .reseal import ResealOptions, reseal
+
+    for token in reseal(ResealOptions(opts.device, opts.pcrs, opts.unlock_key_file, opts.tcti)):
+        say(f"{opts.device}: re-sealed keyslot {token.keyslot} to the current values of {token.selection} "
+            f"({token.describe_store()}, token {token.token_id})")
+    return EXIT_OK
+
+
+def verb_status(opts: argparse.Namespace) -> int:
+    from .status import render, status
+
+    result = status(opts.device, opts.tcti)
+    if opts.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(render(result))
+    return EXIT_OK
+
+
+def verb_remove(opts: argparse.Namespace) -> int:
+    from .remove import RemoveOptions, remove
+
+    count = remove(RemoveOptions(opts.device, opts.unlock_key_file, opts.tcti))
+    say(f"{opts.device}: removed {count} enrolment(s); the passphrase opens the disk")
+    return EXIT_OK
+
+
+def verb_adopt(opts: argparse.Namespace) -> int:
+    from .adopt import AdoptOptions, adopt, parse_nv_index
+
+    if (opts.blob is None) == (opts.nv is None):
+        raise UsageError("adopt takes one of --blob PUB PRIV or --nv INDEX")
+    if opts.pcrs is None:
+        raise UsageError("adopt needs --pcrs: the PCR list the object was sealed to (e.g. sha256:0,2,3,7)")
+    nv_index = parse_nv_index(opts.nv) if opts.nv is not None else None
+    blob = (opts.blob[0], opts.blob[1]) if opts.blob else None
+    token = adopt(AdoptOptions(opts.device, opts.pcrs, blob, nv_index, opts.tcti))
+    say(f"{opts.device}: adopted {token.describe_store()} for keyslot {token.keyslot} (token {token.token_id})")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tpm2-unlocker", description="Unlock LUKS2 disks with a key sealed by the TPM 2.0.")
+    parser.add_argument("--version", action="version", version=f"tpm2-unlocker {__version__}")
+    parser.add_argument("--debug", action="store_true", help="log commands and show tracebacks")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+
+    def verb(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = verbs.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        p.add_argument("--tcti", help="TPM connection (default: $TPM2_UNLOCKER_TCTI, $TPM2TOOLS_TCTI, "
+                                      "device:/dev/tpmrm0, device:/dev/tpm0)")
+        p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+        return p
+
+    p = verb("enroll", verb_enroll, "add a TPM-sealed key in a new keyslot beside the passphrase")
+    p.add_argument("device")
+    p.add_argument("--pcrs", type=_selection, default=PcrSelection.parse(DEFAULT_PCRS),
+                   help=f"PCR bank and indexes to seal to (default {DEFAULT_PCRS})")
+    p.add_argument("--store", default="token", help="token (default), nv[=INDEX] or file=DIR")
+    p.add_argument("--unlock-key-file", metavar="FILE", help="existing passphrase/key file ('-' for stdin)")
+
+    p = verb("unlock", verb_unlock, "unseal the key and open the disk; else ask for the passphrase")
+    p.add_argument("device")
+    p.add_argument("name", nargs="?", help="mapping name (default luks-UUID)")
+    p.add_argument("--test", action="store_true", help="only prove the key opens its keyslot; map nothing")
+    p.add_argument("--tries", type=int, default=3, help="passphrase attempts after a TPM failure (default 3)")
+
+    p = verb("reseal", verb_reseal, "seal the key to the current PCR values (after an update)")
+    p.add_argument("device")
+    p.add_argument("--pcrs", type=_selection, help="new PCR selection (default: keep the enrolled one)")
+    p.add_argument("--unlock-key-file", metavar="FILE", help="passphrase/key file, if the old key fails")
+
+    p = verb("status", verb_status, "TPM facts and whether each enrolment's policy holds now")
+    p.add_argument("device", nargs="?")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = verb("remove", verb_remove, "remove our keyslot, token and NV index (never the last other keyslot)")
+    p.add_argument("device")
+    p.add_argument("--unlock-key-file", metavar="FILE", help="passphrase/key file of a keyslot that stays")
+
+    p = verb("adopt", verb_adopt, "take over an object or NV index sealed with tpm2-tools (ArchWiki recipe)")
+    p.add_argument("device")
+    p.add_argument("--blob", nargs=2, metavar=("PUB", "PRIV"), help="tpm2_create --public/--private files")
+    p.add_argument("--nv", metavar="INDEX", help="NV index defined with tpm2_nvdefine (e.g. 0x1500016)")
+    p.add_argument("--pcrs", type=_selection, help="the PCRs it was sealed to, e.g. sha256:0,2,3,7")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        opts = build_parser().parse_args(args)
+        if opts.verb is None:
+            raise UsageError("no verb given (enroll, unlock, reseal, status, remove, adopt; see --help)")
+        return int(opts.func(opts))
+    except UnlockerError as exc:
+        if debug:
+            traceback.print_exc()
+        say(exc.message)
+        if exc.hint:
+            hint(exc.hint)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
+    except Exception as exc:  # a bug: one line unless --debug
+        if debug:
+            traceback.print_exc()
+        say(f"internal error: {type(exc).__name__}: {exc} (run with --debug for details)")
+        return EXIT_USAGE
+
+
+def entry() -> NoReturn:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,104 @@
+"""enroll: add a TPM-held key in a new keyslot beside the passphrase, seal it, store it, prove it.
+
+Every step that changes the disk or the TPM pushes its undo; on any failure the undos run in reverse,
+so the disk ends as it was before. The passphrase keyslot is never touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import store
+from .errors import CorruptError, UnlockerError, UsageError
+from .log import say
+from .luks import LuksDevice
+from .passphrase import existing_passphrase
+from .policy import PcrSelection, sealing_policy
+from .secret import Secret
+from .store import StoreSpec
+from .token import Token
+from .tpm import Tpm, resolve_tcti
+
+KEY_SIZE = 32
+
+
+@dataclass(frozen=True)
+class EnrollOptions:
+    device: str
+    selection: PcrSelection
+    spec: StoreSpec
+    unlock_key_file: str | None
+    tcti: str | None
+
+
+class Undo:
+    """A stack of undo steps, run in reverse when the flow fails."""
+
+    def __init__(self) -> None:
+        self._steps: list[tuple[str, Callable[[], object]]] = []
+
+    def push(self, what: str, step: Callable[[], object]) -> None:
+        self._steps.append((what, step))
+
+    def run(self) -> None:
+        while self._steps:
+            what, step = self._steps.pop()
+            try:
+                step()
+            except Exception as exc:  # keep undoing; say what could not be undone
+                say(f"could not undo: {what} ({exc})")
+
+    def forget(self) -> None:
+        self._steps.clear()
+
+
+def prove(tpm: Tpm, device: LuksDevice, token: Token, key: Secret) -> None:
+    """Unseal through the token as boot would, and open-test its keyslot."""
+    with store.take(tpm, token) as back:
+        if back != key:
+            raise CorruptError("the key unsealed from the TPM differs from the one enrolled")
+        if not device.test_key(back, token.keyslot):
+            raise CorruptError(f"the unsealed key does not open keyslot {token.keyslot}")
+
+
+def seal_into_token(tpm: Tpm, device: LuksDevice, key: Secret, slot: int, selection: PcrSelection,
+                    spec: StoreSpec, undo: Undo, *, keyslot_owned: bool = True, next_free_nv: bool = False) -> Token:
+    """Seal `key` for `slot`, write the store and the token, pushing the undo of each."""
+    values = tpm.read_pcrs(selection)
+    policy = sealing_policy(selection, values)
+    placement = store.put(tpm, spec, key, policy, next_free_nv=next_free_nv)
+    token = Token(keyslot=slot, store=placement.store, selection=selection, pcr_values=values,
+                  policy_hash=policy, srk_name=tpm.srk_name(), public=placement.public,
+                  private=placement.private, nv_index=placement.nv_index, blob_dir=placement.blob_dir,
+                  keyslot_owned=keyslot_owned)
+    undo.push("remove the sealed key", lambda: store.destroy(tpm, token))
+    device.import_token(token)
+    undo.push(f"remove token {token.token_id}", lambda: device.remove_token(token.token_id or 0))
+    return token
+
+
+def enroll(opts: EnrollOptions) -> Token:
+    device = LuksDevice(opts.device)
+    device.metadata()
+    existing = [tid for tid, _ in device.our_tokens()]
+    if existing:
+        raise UsageError(f"{opts.device} is already enrolled (token {existing[0]}); "
+                         "use 'reseal' to re-seal or 'remove' first")
+    tcti = resolve_tcti(opts.tcti)
+    with existing_passphrase(device, opts.unlock_key_file) as passphrase, Tpm(tcti) as tpm, \
+            Secret.random(KEY_SIZE) as key:
+        tpm.srk()  # fail on a missing TPM before the disk is touched
+        undo = Undo()
+        try:
+            slot = device.free_keyslot()
+            device.add_key(passphrase, key, slot)
+            undo.push(f"remove keyslot {slot}", lambda: device.kill_slot(slot, passphrase))
+            token = seal_into_token(tpm, device, key, slot, opts.selection, opts.spec, undo)
+            prove(tpm, device, token, key)
+        except (UnlockerError, OSError) as exc:
+            say(f"enrolment failed, undoing what was added: {exc}")
+            undo.run()
+            raise
+        undo.forget()
+    return token

@@ -1,0 +1,201 @@
+"""The only caller of cryptsetup: header metadata, keyslots, tokens, opening.
+
+Keys reach cryptsetup through stdin (`--key-file=-`) or an anonymous pipe (`/dev/fd/N`), never argv.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import CorruptError, CryptsetupError, DeviceNotFoundError, UsageError
+from .run import Completed, run
+from .secret import Secret
+from .token import TOKEN_TYPE, Token, parse_token
+
+CRYPTSETUP = "cryptsetup"
+MAX_KEYSLOTS = 32
+MAX_TOKENS = 32
+# The key is 32 random bytes: PBKDF2 at its minimum, as systemd-cryptenroll does; Argon2 would
+# only cost boot time without adding strength to a high-entropy key.
+KeyBytes = Secret | bytes | bytearray
+
+FAST_PBKDF = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]
+
+
+def _raw(key: KeyBytes | None) -> bytes | bytearray | None:
+    return key.data if isinstance(key, Secret) else key
+
+
+def _cryptsetup(args: list[str], *, input: KeyBytes | None = None, pass_fds: tuple[int, ...] = ()) -> Completed:
+    try:
+        return run([CRYPTSETUP, *args], input=_raw(input), pass_fds=pass_fds)
+    except FileNotFoundError:
+        raise CryptsetupError("cryptsetup is not installed") from None
+
+
+@dataclass
+class LuksDevice:
+    path: str
+
+    def __post_init__(self) -> None:
+        if not os.path.exists(self.path):
+            raise DeviceNotFoundError(f"{self.path}: no such device or file")
+        self._meta: dict[str, Any] | None = None
+
+    # --- metadata -------------------------------------------------------------------------------
+    def metadata(self, refresh: bool = False) -> dict[str, Any]:
+        """The LUKS2 JSON header. Raises UsageError for LUKS1 or non-LUKS devices."""
+        if self._meta is None or refresh:
+            done = _cryptsetup(["luksDump", "--dump-json-metadata", self.path])
+            if done.returncode != 0:
+                if _cryptsetup(["isLuks", self.path]).returncode == 0:
+                    raise UsageError(f"{self.path} is LUKS1: tokens need LUKS2 (cryptsetup convert --type luks2)")
+                raise UsageError(f"{self.path} is not a LUKS device")
+            try:
+                self._meta = json.loads(done.stdout)
+            except ValueError:
+                raise CorruptError(f"{self.path}: cryptsetup returned unreadable header metadata") from None
+        assert self._meta is not None
+        return self._meta
+
+    def uuid(self) -> str:
+        done = _cryptsetup(["luksUUID", self.path])
+        if done.returncode != 0:
+            raise UsageError(f"{self.path} is not a LUKS device")
+        return done.stdout.decode().strip()
+
+    def keyslots(self) -> list[int]:
+        return sorted(int(k) for k in self.metadata().get("keyslots", {}))
+
+    def raw_tokens(self) -> dict[int, dict[str, Any]]:
+        return {int(k): v for k, v in self.metadata().get("tokens", {}).items()}
+
+    def our_tokens(self) -> list[tuple[int, Token | CorruptError]]:
+        """Every token of our type, parsed; a malformed one comes back as its CorruptError."""
+        found: list[tuple[int, Token | CorruptError]] = []
+        for tid, doc in sorted(self.raw_tokens().items()):
+            if doc.get("type") != TOKEN_TYPE:
+                continue
+            try:
+                found.append((tid, parse_token(doc, tid)))
+            except CorruptError as exc:
+                found.append((tid, exc))
+        return found
+
+    def free_keyslot(self) -> int:
+        used = set(self.keyslots())
+        for slot in range(MAX_KEYSLOTS):
+            if slot not in used:
+                return slot
+        raise CryptsetupError(f"{self.path}: no free keyslot")
+
+    def free_token_id(self) -> int:
+        used = set(self.raw_tokens())
+        for tid in range(MAX_TOKENS):
+            if tid not in used:
+                return tid
+        raise CryptsetupError(f"{self.path}: no free token id")
+
+    # --- keys -----------------------------------------------------------------------------------
+    def add_key(self, existing: KeyBytes, new_key: KeyBytes, slot: int) -> None:
+        """Add `new_key` in keyslot `slot`, authorised by `existing` (a passphrase of another slot)."""
+        read_fd, write_fd = os.pipe()
+        # The new key goes through a pipe the child reads as /dev/fd/N; a thread writes it so a
+        # large key can never dead-lock against the pipe buffer.
+        writer = threading.Thread(target=_write_and_close, args=(write_fd, _raw(new_key)))
+        writer.start()
+        try:
+            done = _cryptsetup(
+                ["luksAddKey", "--key-file=-", "--new-key-slot", str(slot), *FAST_PBKDF, self.path,
+                 f"/dev/fd/{read_fd}"],
+                input=existing, pass_fds=(read_fd,),
+            )
+        finally:
+            os.close(read_fd)
+            writer.join()
+        self._meta = None
+        if done.returncode == 2:
+            raise UsageError(f"{self.path}: the passphrase given does not open any keyslot")
+        if done.returncode != 0:
+            raise CryptsetupError(f"{self.path}: adding a keyslot failed: {done.stderr_text}")
+
+    def test_key(self, key: KeyBytes, slot: int | None = None) -> bool:
+        """True if `key` opens `slot` (any slot when None). Creates no mapping."""
+        args = ["open", "--test-passphrase", "--key-file=-", self.path]
+        if slot is not None:
+            args[1:1] = ["--key-slot", str(slot)]
+        return _cryptsetup(args, input=key).returncode == 0
+
+    def slot_of_key(self, key: KeyBytes, exclude: set[int] | None = None) -> int | None:
+        """Which keyslot `key` opens, or None."""
+        for slot in self.keyslots():
+            if exclude and slot in exclude:
+                continue
+            if self.test_key(key, slot):
+                return slot
+        return None
+
+    def open(self, key: KeyBytes, name: str, slot: int | None = None) -> bool:
+        """Create the /dev/mapper/NAME mapping with `key`; False if the key opens no (such) slot."""
+        args = ["open", "--type", "luks2", "--key-file=-", self.path, name]
+        if slot is not None:
+            args[1:1] = ["--key-slot", str(slot)]
+        done = _cryptsetup(args, input=key)
+        if done.returncode == 2:
+            return False
+        if done.returncode != 0:
+            raise CryptsetupError(f"{self.path}: cryptsetup open failed: {done.stderr_text}")
+        return True
+
+    def kill_slot(self, slot: int, remaining: KeyBytes) -> None:
+        """Wipe `slot`, authorised by `remaining`, a passphrase of another slot (never --batch-mode)."""
+        done = _cryptsetup(["luksKillSlot", "--key-file=-", self.path, str(slot)], input=remaining)
+        self._meta = None
+        if done.returncode == 2:
+            raise UsageError(f"{self.path}: the passphrase given does not open a keyslot other than {slot}")
+        if done.returncode != 0:
+            raise CryptsetupError(f"{self.path}: removing keyslot {slot} failed: {done.stderr_text}")
+
+    # --- tokens ---------------------------------------------------------------------------------
+    def import_token(self, token: Token) -> int:
+        """Write `token` under a free token id and return the id."""
+        tid = self.free_token_id()
+        doc = json.dumps(token.to_json(), separators=(",", ":")).encode()
+        done = _cryptsetup(["token", "import", "--json-file", "-", "--token-id", str(tid), self.path], input=doc)
+        self._meta = None
+        if done.returncode != 0:
+            raise CryptsetupError(f"{self.path}: writing the LUKS2 token failed: {done.stderr_text}")
+        token.token_id = tid
+        return tid
+
+    def import_raw_token(self, doc: dict[str, Any]) -> int:
+        """Write an arbitrary token document (tests and repair); returns its id."""
+        tid = self.free_token_id()
+        done = _cryptsetup(["token", "import", "--json-file", "-", "--token-id", str(tid), self.path],
+                           input=json.dumps(doc).encode())
+        self._meta = None
+        if done.returncode != 0:
+            raise CryptsetupError(f"{self.path}: writing the LUKS2 token failed: {done.stderr_text}")
+        return tid
+
+    def remove_token(self, token_id: int) -> None:
+        done = _cryptsetup(["token", "remove", "--token-id", str(token_id), self.path])
+        self._meta = None
+        if done.returncode != 0:
+            raise CryptsetupError(f"{self.path}: removing token {token_id} failed: {done.stderr_text}")
+
+
+def _write_and_close(fd: int, data: bytes | bytearray) -> None:
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+    except BrokenPipeError:
+        pass
+    finally:
+        os.close(fd)

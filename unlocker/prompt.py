@@ -1,0 +1,96 @@
+"""Passphrase fallback: ask on the terminal (or the console in an initramfs), never echo.
+
+Returns None when nobody can answer (no terminal, end of input): the caller then reports why the
+TPM path failed instead of a passphrase error.
+"""
+
+from __future__ import annotations
+
+import os
+import termios
+
+from .run import run, which
+from .secret import Secret
+
+MAX_PASSPHRASE = 512  # cryptsetup's interactive limit
+
+
+def in_initrd() -> bool:
+    return os.path.exists("/etc/initrd-release")
+
+
+def _open_terminal() -> int | None:
+    """The controlling terminal; in an initramfs with none, the console."""
+    paths = ["/dev/tty"] + (["/dev/console"] if in_initrd() else [])
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
+        except OSError:
+            continue
+        if os.isatty(fd):
+            return fd
+        os.close(fd)
+    return None
+
+
+def _read_line(fd: int) -> Secret | None:
+    """Read one line byte by byte into a bytearray (no str, no bytes copies of the secret)."""
+    data = bytearray()
+    one = bytearray(1)
+    while True:
+        n = os.readv(fd, [one])
+        if n == 0:
+            if not data:
+                return None
+            break
+        if one[0] in (0x0A, 0x0D):
+            break
+        if len(data) < MAX_PASSPHRASE:
+            data += one
+    one[0] = 0
+    return Secret(data)
+
+
+def ask_on_terminal(message: str) -> Secret | None:
+    fd = _open_terminal()
+    if fd is None:
+        return None
+    try:
+        try:
+            old = termios.tcgetattr(fd)
+        except termios.error:
+            old = None
+        if old is not None:
+            new = termios.tcgetattr(fd)
+            new[3] &= ~termios.ECHO
+            new[3] |= termios.ICANON
+            termios.tcsetattr(fd, termios.TCSAFLUSH, new)
+        try:
+            os.write(fd, message.encode())
+            return _read_line(fd)
+        finally:
+            if old is not None:
+                termios.tcsetattr(fd, termios.TCSAFLUSH, old)
+            os.write(fd, b"\n")
+    finally:
+        os.close(fd)
+
+
+def ask_with_agent(message: str) -> Secret | None:
+    """systemd-ask-password, for a systemd initrd where plymouth or a console agent answers."""
+    program = which("systemd-ask-password")
+    if program is None:
+        return None
+    done = run([program, "--timeout=0", message])
+    if done.returncode != 0:
+        return None
+    data = bytearray(done.stdout.rstrip(b"\n"))
+    return Secret(data)
+
+
+def ask_passphrase(message: str) -> Secret | None:
+    """Ask for a passphrase; None when nobody can answer."""
+    answer = ask_on_terminal(message)
+    if answer is None and os.environ.get("NOTIFY_SOCKET"):
+        answer = ask_with_agent(message)
+    return answer

@@ -1,0 +1,86 @@
+"""reseal: seal the disk's TPM key to the current PCR values (after a firmware/boot/kernel update).
+
+Order, so a crash at any step leaves a disk that opens with the passphrase and the old or new key:
+key (old TPM key, else a new keyslot added with the passphrase) -> new store -> new token -> prove ->
+old token removed -> old store removed -> old keyslot removed (only when a new one replaced it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import store
+from .enroll import KEY_SIZE, Undo, prove, seal_into_token
+from .errors import CorruptError, UnlockerError, UsageError
+from .log import say
+from .luks import LuksDevice
+from .passphrase import existing_passphrase
+from .policy import PcrSelection
+from .secret import Secret
+from .store import StoreSpec
+from .token import Token
+from .tpm import Tpm, resolve_tcti
+
+
+@dataclass(frozen=True)
+class ResealOptions:
+    device: str
+    selection: PcrSelection | None
+    unlock_key_file: str | None
+    tcti: str | None
+
+
+def _reseal_one(tpm: Tpm, device: LuksDevice, old: Token, opts: ResealOptions) -> Token:
+    selection = opts.selection or old.selection
+    undo = Undo()
+    passphrase: Secret | None = None
+    try:
+        try:
+            key = store.take(tpm, old)
+            slot, new_slot = old.keyslot, False
+        except UnlockerError as exc:
+            if not old.keyslot_owned:
+                raise UsageError(f"the adopted key no longer unseals ({exc}); re-run 'adopt' or 'enroll'") from None
+            say(f"the old TPM key does not unseal ({exc}); a new key will replace it")
+            passphrase = existing_passphrase(device, opts.unlock_key_file)
+            key = Secret.random(KEY_SIZE)
+            slot, new_slot = device.free_keyslot(), True
+            device.add_key(passphrase, key, slot)
+            undo.push(f"remove keyslot {slot}", lambda: device.kill_slot(slot, passphrase))  # type: ignore[arg-type]
+        with key:
+            token = seal_into_token(tpm, device, key, slot, selection, StoreSpec.of_token(old), undo,
+                                    keyslot_owned=old.keyslot_owned, next_free_nv=True)
+            prove(tpm, device, token, key)
+    except (UnlockerError, OSError) as exc:
+        say(f"re-seal failed, undoing what was added: {exc}")
+        undo.run()
+        if passphrase is not None:
+            passphrase.wipe()
+        raise
+    undo.forget()
+    # The new enrolment works: now remove the old one, token first.
+    device.remove_token(old.token_id if old.token_id is not None else -1)
+    if old.store != "file":  # file stores were replaced in place
+        store.destroy(tpm, old)
+    if new_slot and passphrase is not None:
+        with passphrase:
+            device.kill_slot(old.keyslot, passphrase)
+    return token
+
+
+def reseal(opts: ResealOptions) -> list[Token]:
+    device = LuksDevice(opts.device)
+    device.metadata()
+    tokens = device.our_tokens()
+    if not tokens:
+        raise UsageError(f"{opts.device} has no tpm2-unlocker enrolment (run 'tpm2-unlocker enroll' first)")
+    corrupt = [(tid, t) for tid, t in tokens if isinstance(t, CorruptError)]
+    if corrupt and len(corrupt) == len(tokens):
+        tid, exc = corrupt[0]
+        raise CorruptError(f"token {tid} cannot be read: {exc} (run 'tpm2-unlocker remove' and enroll again)")
+    done: list[Token] = []
+    with Tpm(resolve_tcti(opts.tcti)) as tpm:
+        for _, old in tokens:
+            if isinstance(old, Token):
+                done.append(_reseal_one(tpm, device, old, opts))
+    return done

@@ -1,0 +1,79 @@
+"""The one wrapper for child processes: clean environment, secrets only through stdin or pipes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+log = logging.getLogger("tpm2-unlocker")
+
+# Variables PyInstaller (or a caller) sets that must not reach a child: a frozen binary points
+# LD_LIBRARY_PATH at its own folder, and cryptsetup would then load our bundled libcrypto.
+_UNSAFE_ENV = ("LD_LIBRARY_PATH", "LD_PRELOAD", "PYTHONPATH", "PYTHONHOME", "_MEIPASS2", "_PYI_ARCHIVE_FILE")
+
+
+@dataclass(frozen=True)
+class Completed:
+    argv: list[str]
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def stderr_text(self) -> str:
+        return self.stderr.decode(errors="replace").strip()
+
+
+def child_env() -> dict[str, str]:
+    """The environment for children: ours minus the loader variables of a frozen bundle."""
+    env = {k: v for k, v in os.environ.items() if k not in _UNSAFE_ENV}
+    if getattr(sys, "frozen", False):
+        orig = os.environ.get("LD_LIBRARY_PATH_ORIG")
+        if orig:
+            env["LD_LIBRARY_PATH"] = orig
+    env.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+    env["LC_ALL"] = "C"
+    return env
+
+
+def which(program: str) -> str | None:
+    return shutil.which(program, path=child_env()["PATH"] + ":/usr/sbin:/sbin")
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    input: bytes | bytearray | memoryview | None = None,
+    pass_fds: Sequence[int] = (),
+    check: bool = False,
+    timeout: float | None = None,
+) -> Completed:
+    """Run a program, capture its output, feed `input` on stdin.
+
+    Secrets go through `input` or a pipe in `pass_fds`, never in argv. A missing program raises
+    FileNotFoundError for the caller to turn into its own error.
+    """
+    argv = list(argv)
+    log.debug("run: %s", " ".join(argv))
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env(),
+        pass_fds=tuple(pass_fds),
+    )
+    try:
+        out, err = proc.communicate(input=input, timeout=timeout)  # type: ignore[arg-type]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    done = Completed(argv, proc.returncode, out, err)
+    if check and done.returncode != 0:
+        raise subprocess.CalledProcessError(done.returncode, argv, out, err)
+    return done

@@ -1,0 +1,154 @@
+"""The three places a sealed key can live, behind one interface: token, NV index, blob files.
+
+`put` seals a key and returns the token fields that find it again; `take` unseals it; `destroy`
+removes what `put` made. Blob files are marshalled exactly as `tpm2_create --public/--private`
+writes them, so tpm2-tools reads ours and we read theirs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .errors import CorruptError, UsageError
+from .secret import Secret
+from .token import NV_INDEX_MAX, NV_INDEX_MIN, Token
+from .tpm import DEFAULT_NV_INDEX, SealedObject, Tpm
+
+PUB_NAME, PRIV_NAME = "key.pub", "key.priv"
+PENDING = ".new"
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """What `--store` asked for: token, nv[=INDEX] or file=DIR."""
+
+    kind: str
+    nv_index: int = DEFAULT_NV_INDEX
+    blob_dir: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> StoreSpec:
+        kind, sep, arg = text.partition("=")
+        if kind == "token" and not sep:
+            return cls("token")
+        if kind == "nv":
+            if not sep:
+                return cls("nv")
+            try:
+                index = int(arg, 16) if not arg.lower().startswith("0x") else int(arg, 0)
+            except ValueError:
+                raise UsageError(f"'{arg}' is not an NV index (write it like 0x1500016)") from None
+            if not NV_INDEX_MIN <= index <= NV_INDEX_MAX:
+                raise UsageError(f"NV index 0x{index:x} is outside the owner range 0x01000000-0x01ffffff")
+            return cls("nv", nv_index=index)
+        if kind == "file" and sep and arg:
+            return cls("file", blob_dir=os.path.abspath(arg))
+        raise UsageError(f"unknown store '{text}' (use token, nv, nv=INDEX or file=DIR)")
+
+    @classmethod
+    def of_token(cls, token: Token) -> StoreSpec:
+        return cls(token.store, nv_index=token.nv_index or DEFAULT_NV_INDEX, blob_dir=token.blob_dir)
+
+
+@dataclass
+class Placement:
+    """The token fields that say where the sealed key went."""
+
+    store: str
+    public: bytes = b""
+    private: bytes = b""
+    nv_index: int = 0
+    blob_dir: str = ""
+
+
+def put(tpm: Tpm, spec: StoreSpec, key: Secret, policy: bytes, *, next_free_nv: bool = False) -> Placement:
+    """Seal `key` under `policy` in the store `spec` names.
+
+    With `next_free_nv`, an NV store takes the first free index after the one named (re-seal writes
+    its new index beside the old one, which is removed only afterwards).
+    """
+    if spec.kind == "nv":
+        index = tpm.free_nv_index(spec.nv_index + 1) if next_free_nv else spec.nv_index
+        tpm.nv_define_and_write(index, key, policy)
+        return Placement("nv", nv_index=index)
+    sealed = tpm.seal(key, policy)
+    if spec.kind == "file":
+        write_blob_files(spec.blob_dir, sealed)
+        return Placement("file", blob_dir=spec.blob_dir)
+    return Placement("token", public=sealed.public, private=sealed.private)
+
+
+def take(tpm: Tpm, token: Token) -> Secret:
+    """Unseal the key a token points at. Raises PolicyError, CorruptError, LockoutError, NoTpmError."""
+    tpm.check_srk(token.srk_name)
+    if token.store == "nv":
+        return tpm.nv_read(token.nv_index, token.selection)
+    if token.store == "file":
+        try:
+            return tpm.unseal(read_blob_files(token.blob_dir), token.selection)
+        except CorruptError:
+            # A re-seal interrupted between its two renames leaves the new public part pending.
+            pending = os.path.join(token.blob_dir, PUB_NAME + PENDING)
+            if not os.path.exists(pending):
+                raise
+            with open(pending, "rb") as f:
+                public = f.read()
+            return tpm.unseal(SealedObject(public, read_blob_files(token.blob_dir).private), token.selection)
+    return tpm.unseal(SealedObject(token.public, token.private), token.selection)
+
+
+def destroy(tpm: Tpm | None, token: Token, *, keep_files: bool = False) -> None:
+    """Remove the sealed key a token points at (an NV index, or the blob files)."""
+    if token.store == "nv" and tpm is not None:
+        tpm.nv_undefine(token.nv_index)
+    elif token.store == "file" and not keep_files:
+        for name in (PUB_NAME, PRIV_NAME, PUB_NAME + PENDING, PRIV_NAME + PENDING):
+            try:
+                os.unlink(os.path.join(token.blob_dir, name))
+            except FileNotFoundError:
+                pass
+
+
+def read_blob_files(blob_dir: str, pub_name: str = PUB_NAME, priv_name: str = PRIV_NAME) -> SealedObject:
+    return read_blob_pair(os.path.join(blob_dir, pub_name), os.path.join(blob_dir, priv_name))
+
+
+def read_blob_pair(pub_path: str, priv_path: str) -> SealedObject:
+    parts = []
+    for path in (pub_path, priv_path):
+        try:
+            with open(path, "rb") as f:
+                parts.append(f.read(8192))
+        except FileNotFoundError:
+            raise CorruptError(f"sealed blob file {path} is missing") from None
+        except OSError as exc:
+            raise CorruptError(f"sealed blob file {path} cannot be read ({exc.strerror})") from None
+    return SealedObject(parts[0], parts[1])
+
+
+def write_blob_files(blob_dir: str, sealed: SealedObject) -> None:
+    """Write key.pub/key.priv so that a crash leaves the old pair or a recoverable new one.
+
+    Both go to *.new first and are synced; then the private part is renamed into place and the
+    public part last (take() retries with the pending public part if the pair does not load).
+    """
+    try:
+        os.makedirs(blob_dir, mode=0o700, exist_ok=True)
+        for name, data in ((PRIV_NAME, sealed.private), (PUB_NAME, sealed.public)):
+            tmp = os.path.join(blob_dir, name + PENDING)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for name in (PRIV_NAME, PUB_NAME):
+            os.rename(os.path.join(blob_dir, name + PENDING), os.path.join(blob_dir, name))
+        dir_fd = os.open(blob_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise UsageError(f"cannot write the sealed blob to {blob_dir}: {exc.strerror}") from None

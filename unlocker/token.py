@@ -1,0 +1,170 @@
+"""The LUKS2 token that records an enrolment: schema, strict parse, serialise.
+
+The header is writable by anyone who holds the disk, so every field is checked on read; anything
+unexpected raises CorruptError rather than reaching the TPM or cryptsetup.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import CorruptError
+from .policy import BANKS, PCR_COUNT, PcrSelection
+
+TOKEN_TYPE = "tpm2-unlocker"
+TOKEN_VERSION = 1
+STORES = ("token", "nv", "file")
+MAX_BLOB = 4096  # a sealed object's TPM2B_PUBLIC/PRIVATE are a few hundred bytes
+NV_INDEX_MIN, NV_INDEX_MAX = 0x01000000, 0x01FFFFFF
+
+_COMMON = {"type", "keyslots", "version", "store", "pcr_bank", "pcrs", "pcr_values", "policy_hash",
+           "srk_name", "pin", "keyslot_owned"}
+_PER_STORE = {"token": {"tpm2_public", "tpm2_private"}, "nv": {"nv_index"}, "file": {"blob_dir"}}
+
+
+@dataclass
+class Token:
+    keyslot: int
+    store: str
+    selection: PcrSelection
+    pcr_values: dict[int, bytes]
+    policy_hash: bytes
+    srk_name: bytes
+    public: bytes = b""
+    private: bytes = b""
+    nv_index: int = 0
+    blob_dir: str = ""
+    pin: bool = False
+    keyslot_owned: bool = True  # False when adopted: the keyslot is the user's own, never removed
+    token_id: int | None = field(default=None, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "type": TOKEN_TYPE,
+            "keyslots": [str(self.keyslot)],
+            "version": TOKEN_VERSION,
+            "store": self.store,
+            "pcr_bank": self.selection.bank,
+            "pcrs": list(self.selection.pcrs),
+            "pcr_values": {str(p): v.hex() for p, v in sorted(self.pcr_values.items())},
+            "policy_hash": self.policy_hash.hex(),
+            "srk_name": self.srk_name.hex(),
+            "pin": self.pin,
+            "keyslot_owned": self.keyslot_owned,
+        }
+        if self.store == "token":
+            doc["tpm2_public"] = base64.b64encode(self.public).decode()
+            doc["tpm2_private"] = base64.b64encode(self.private).decode()
+        elif self.store == "nv":
+            doc["nv_index"] = f"0x{self.nv_index:08x}"
+        else:
+            doc["blob_dir"] = self.blob_dir
+        return doc
+
+    def describe_store(self) -> str:
+        if self.store == "nv":
+            return f"nv index 0x{self.nv_index:08x}"
+        if self.store == "file":
+            return f"files in {self.blob_dir}"
+        return "LUKS2 token"
+
+
+def _need(doc: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    if key not in doc:
+        raise CorruptError(f"token has no '{key}'")
+    value = doc[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise CorruptError(f"token field '{key}' has the wrong type")
+    return value
+
+
+def _hex(value: str, what: str, sizes: tuple[int, ...]) -> bytes:
+    if not re.fullmatch(r"[0-9a-f]*", value):
+        raise CorruptError(f"token field '{what}' is not lower-case hex")
+    raw = bytes.fromhex(value)
+    if len(raw) not in sizes:
+        raise CorruptError(f"token field '{what}' has {len(raw)} bytes")
+    return raw
+
+
+def _b64(value: str, what: str) -> bytes:
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise CorruptError(f"token field '{what}' is not base64") from None
+    if not 2 < len(raw) <= MAX_BLOB:
+        raise CorruptError(f"token field '{what}' has an impossible size ({len(raw)} bytes)")
+    return raw
+
+
+def parse_token(doc: Any, token_id: int | None = None) -> Token:
+    """Parse one token's JSON object strictly. Raises CorruptError naming the first problem."""
+    if not isinstance(doc, dict):
+        raise CorruptError("token is not a JSON object")
+    if doc.get("type") != TOKEN_TYPE:
+        raise CorruptError(f"token type is not '{TOKEN_TYPE}'")
+    version = _need(doc, "version", int)
+    if version != TOKEN_VERSION:
+        raise CorruptError(f"token version {version} is not supported (this build reads {TOKEN_VERSION})")
+    store = _need(doc, "store", str)
+    if store not in STORES:
+        raise CorruptError(f"token store '{store}' is unknown")
+    unknown = set(doc) - _COMMON - _PER_STORE[store]
+    if unknown:
+        raise CorruptError(f"token has unknown fields: {', '.join(sorted(unknown))}")
+    keyslots = _need(doc, "keyslots", list)
+    if len(keyslots) != 1 or not isinstance(keyslots[0], str) or not re.fullmatch(r"[0-9]{1,2}", keyslots[0]):
+        raise CorruptError("token must name exactly one keyslot")
+    bank = _need(doc, "pcr_bank", str)
+    if bank not in BANKS:
+        raise CorruptError(f"token PCR bank '{bank}' is unknown")
+    pcrs = _need(doc, "pcrs", list)
+    if not pcrs or any(not isinstance(p, int) or isinstance(p, bool) or not 0 <= p < PCR_COUNT for p in pcrs) \
+            or pcrs != sorted(set(pcrs)):
+        raise CorruptError("token PCR list is not a sorted list of PCRs 0-23")
+    selection = PcrSelection(bank, tuple(pcrs))
+    raw_values = _need(doc, "pcr_values", dict)
+    if set(raw_values) != {str(p) for p in pcrs}:
+        raise CorruptError("token PCR values do not match its PCR list")
+    values = {int(p): _hex(_need(raw_values, p, str), f"pcr_values.{p}", (selection.digest_size,))
+              for p in raw_values}
+    token = Token(
+        keyslot=int(keyslots[0]),
+        store=store,
+        selection=selection,
+        pcr_values=values,
+        policy_hash=_hex(_need(doc, "policy_hash", str), "policy_hash", (32,)),
+        srk_name=_hex(_need(doc, "srk_name", str), "srk_name", (34, 50, 66)),
+        pin=_need(doc, "pin", bool),
+        keyslot_owned=_need(doc, "keyslot_owned", bool),
+        token_id=token_id,
+    )
+    if store == "token":
+        token.public = _b64(_need(doc, "tpm2_public", str), "tpm2_public")
+        token.private = _b64(_need(doc, "tpm2_private", str), "tpm2_private")
+    elif store == "nv":
+        text = _need(doc, "nv_index", str)
+        if not re.fullmatch(r"0x[0-9a-fA-F]{1,8}", text):
+            raise CorruptError("token nv_index is not a hex number")
+        token.nv_index = int(text, 16)
+        if not NV_INDEX_MIN <= token.nv_index <= NV_INDEX_MAX:
+            raise CorruptError(f"token nv_index {text} is outside the owner NV range")
+    else:
+        blob_dir = _need(doc, "blob_dir", str)
+        if not blob_dir.startswith("/") or "\0" in blob_dir or len(blob_dir) > 4096:
+            raise CorruptError("token blob_dir is not an absolute path")
+        token.blob_dir = blob_dir
+    return token
+
+
+def parse_token_text(text: str | bytes, token_id: int | None = None) -> Token:
+    try:
+        doc = json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        raise CorruptError("token is not valid JSON") from None
+    return parse_token(doc, token_id)

@@ -1,0 +1,400 @@
+"""The only importer of tpm2_pytss: connect, SRK, seal/unseal, NV, PCRs, sessions.
+
+Every transient handle is flushed (swtpm and /dev/tpm0 have no resource manager). Every unseal and
+NV read runs over a policy session salted with the SRK and with parameter encryption, so the secret
+never crosses the TPM bus in clear. TPM errors become the exceptions of errors.py.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+# tpm2-tss logs every TPM error on stderr; we report our own one line instead.
+os.environ.setdefault("TSS2_LOG", "all+NONE")
+
+from tpm2_pytss import ESAPI, TSS2_Exception  # noqa: E402
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_PT, TPM2_RC, TPM2_SE, TPMA_NV, \
+    TPMA_OBJECT, TPMA_SESSION
+from tpm2_pytss.types import TPM2B_AUTH, TPM2B_DIGEST, TPM2B_MAX_NV_BUFFER, TPM2B_NV_PUBLIC, TPM2B_PRIVATE, \
+    TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE, TPM2B_SENSITIVE_DATA, TPML_PCR_SELECTION, TPMS_NV_PUBLIC, \
+    TPMS_SENSITIVE_CREATE, TPMT_PUBLIC, TPMT_SYM_DEF
+
+from .errors import CorruptError, LockoutError, NoTpmError, PolicyError, UsageError
+from .policy import PcrSelection
+from .secret import Secret
+
+SRK_PERSISTENT_HANDLE = 0x81000001
+MAX_SEALED = 128  # TPM2B_SENSITIVE_DATA limit
+DEFAULT_NV_INDEX = 0x01500016
+_TCTI_LAYER_MASK = 0xFFFF0000
+_TCTI_LAYER = 0x000A0000
+
+
+def resolve_tcti(explicit: str | None) -> str:
+    """--tcti, else TPM2_UNLOCKER_TCTI, else TPM2TOOLS_TCTI, else the kernel's resource manager."""
+    for value in (explicit, os.environ.get("TPM2_UNLOCKER_TCTI"), os.environ.get("TPM2TOOLS_TCTI")):
+        if value:
+            return value
+    for dev in ("/dev/tpmrm0", "/dev/tpm0"):
+        if os.path.exists(dev):
+            return f"device:{dev}"
+    raise NoTpmError("no TPM found (no /dev/tpmrm0 or /dev/tpm0; set --tcti for a simulator)")
+
+
+@dataclass(frozen=True)
+class TpmInfo:
+    manufacturer: str
+    banks: list[str]
+    lockout_counter: int
+    max_tries: int
+    in_lockout: bool
+
+
+@dataclass
+class SealedObject:
+    public: bytes
+    private: bytes
+
+
+@dataclass(frozen=True)
+class NvInfo:
+    index: int
+    size: int
+    attributes: int
+    auth_policy: bytes
+    no_da: bool
+
+
+def _srk_template() -> TPM2B_PUBLIC:
+    # The template `tpm2_createprimary -C o -G ecc` uses, so tpm2-tools and we derive the same SRK.
+    return TPM2B_PUBLIC.parse("ecc256:aes128cfb", objectAttributes=TPMA_OBJECT.DEFAULT_TPM2_TOOLS_CREATEPRIMARY_ATTRS)
+
+
+def _tpm_error(exc: TSS2_Exception, doing: str) -> Exception:
+    """Turn a TSS2 error into ours, with one line saying what failed."""
+    rc = int(exc.rc)
+    if rc & _TCTI_LAYER_MASK == _TCTI_LAYER:
+        return NoTpmError(f"the TPM stopped answering while {doing} ({exc})")
+    base = int(exc.error) if exc.error else rc
+    if base == TPM2_RC.LOCKOUT:
+        return LockoutError("the TPM is in dictionary-attack lockout",
+                            hint="it recovers by itself after its recovery time; tpm2_dictionarylockout --clear-lockout resets it")
+    if base in (TPM2_RC.POLICY_FAIL, TPM2_RC.PCR_CHANGED, TPM2_RC.VALUE) and doing.startswith(("unsealing", "reading NV")):
+        return PolicyError(f"the PCR policy is not satisfied while {doing}")
+    if base in (TPM2_RC.AUTH_FAIL, TPM2_RC.BAD_AUTH):
+        return PolicyError(f"the TPM refused the authorisation while {doing}")
+    if base in (TPM2_RC.INTEGRITY, TPM2_RC.BINDING, TPM2_RC.SIZE, TPM2_RC.INSUFFICIENT, TPM2_RC.KEY, TPM2_RC.TYPE,
+                TPM2_RC.ATTRIBUTES, TPM2_RC.HASH, TPM2_RC.SYMMETRIC, TPM2_RC.SCHEME):
+        return CorruptError(f"the sealed object is damaged or not ours ({exc}) while {doing}")
+    if base == TPM2_RC.HANDLE and doing.startswith("reading NV"):
+        return CorruptError(f"the NV index does not exist while {doing}")
+    if base == TPM2_RC.NV_DEFINED:
+        return UsageError(f"the NV index is already defined while {doing}")
+    return NoTpmError(f"the TPM refused {doing}: {exc}")
+
+
+class Tpm:
+    """An open connection to one TPM. Use as a context manager."""
+
+    def __init__(self, tcti: str) -> None:
+        self.tcti = tcti
+        try:
+            self._esys = ESAPI(tcti)
+        except TSS2_Exception as exc:
+            raise NoTpmError(f"cannot reach the TPM at '{tcti}' ({exc})") from None
+        except Exception as exc:  # TCTI loader errors surface as plain exceptions in some versions
+            raise NoTpmError(f"cannot reach the TPM at '{tcti}' ({exc})") from None
+        self._srk: ESYS_TR | None = None
+        self._srk_transient = False
+        self._srk_name = b""
+
+    def __enter__(self) -> Tpm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._srk is not None and self._srk_transient:
+            self._flush(self._srk)
+        self._srk = None
+        try:
+            self._esys.close()
+        except Exception:
+            pass
+
+    def _flush(self, handle: ESYS_TR) -> None:
+        try:
+            self._esys.flush_context(handle)
+        except TSS2_Exception:
+            pass
+
+    # --- SRK and sessions -----------------------------------------------------------------------
+    def srk(self) -> ESYS_TR:
+        """The storage root key: persistent 0x81000001 when present, else the standard ECC primary."""
+        if self._srk is not None:
+            return self._srk
+        try:
+            if SRK_PERSISTENT_HANDLE in self._persistent_handles():
+                self._srk = self._esys.tr_from_tpmpublic(SRK_PERSISTENT_HANDLE)
+                self._srk_transient = False
+            else:
+                self._srk, _, _, _, _ = self._esys.create_primary(TPM2B_SENSITIVE_CREATE(), _srk_template(),
+                                                                   ESYS_TR.OWNER)
+                self._srk_transient = True
+            self._srk_name = bytes(self._esys.tr_get_name(self._srk))
+        except TSS2_Exception as exc:
+            raise _tpm_error(exc, "creating the storage root key") from None
+        return self._srk
+
+    def srk_name(self) -> bytes:
+        self.srk()
+        return self._srk_name
+
+    def check_srk(self, expected: bytes) -> None:
+        """Refuse a TPM whose SRK is not the one the key was sealed under (swapped or cleared TPM)."""
+        name = self.srk_name()
+        if name != expected and self._srk_transient is False:
+            # A persistent SRK with a different template: fall back to the standard primary.
+            self._srk = None
+            self._srk, _, _, _, _ = self._esys.create_primary(TPM2B_SENSITIVE_CREATE(), _srk_template(), ESYS_TR.OWNER)
+            self._srk_transient = True
+            name = self._srk_name = bytes(self._esys.tr_get_name(self._srk))
+        if name != expected:
+            raise NoTpmError("this TPM's storage root key is not the one the key was sealed under "
+                             "(a different or cleared TPM)")
+
+    def _persistent_handles(self) -> set[int]:
+        more, data = self._esys.get_capability(TPM2_CAP.HANDLES, 0x81000000, 64)
+        return {int(h) for h in data.data.handles}
+
+    @contextmanager
+    def _salted_session(self, session_type: TPM2_SE) -> Iterator[ESYS_TR]:
+        """A session salted with the SRK, encrypting the first command and response parameter."""
+        session = self._esys.start_auth_session(
+            tpm_key=self.srk(), bind=ESYS_TR.NONE, session_type=session_type,
+            symmetric=TPMT_SYM_DEF.parse("aes128cfb"), auth_hash=TPM2_ALG.SHA256)
+        try:
+            self._esys.trsess_set_attributes(
+                session, TPMA_SESSION.CONTINUESESSION | TPMA_SESSION.ENCRYPT | TPMA_SESSION.DECRYPT)
+            yield session
+        finally:
+            self._flush(session)
+
+    def _policy_pcr(self, session: ESYS_TR, selection: PcrSelection) -> None:
+        self._esys.policy_pcr(session, TPM2B_DIGEST(), TPML_PCR_SELECTION.parse(str(selection)))
+
+    # --- PCRs and facts ---------------------------------------------------------------------------
+    def read_pcrs(self, selection: PcrSelection) -> dict[int, bytes]:
+        """Current values of the selected PCRs (the TPM returns at most 8 per call)."""
+        values: dict[int, bytes] = {}
+        try:
+            for start in range(0, len(selection.pcrs), 8):
+                chunk = PcrSelection(selection.bank, selection.pcrs[start:start + 8])
+                _, sel_out, digests = self._esys.pcr_read(TPML_PCR_SELECTION.parse(str(chunk)))
+                returned = [p for p in chunk.pcrs
+                            if sel_out.count and sel_out.pcrSelections[0].pcrSelect[p // 8] & (1 << (p % 8))]
+                if len(returned) != len(chunk.pcrs):
+                    raise UsageError(f"the TPM has no active {selection.bank} PCR bank")
+                for p, d in zip(returned, digests):
+                    values[p] = bytes(d)
+        except TSS2_Exception as exc:
+            raise _tpm_error(exc, "reading PCRs") from None
+        return values
+
+    def info(self) -> TpmInfo:
+        try:
+            _, fixed = self._esys.get_capability(TPM2_CAP.TPM_PROPERTIES, TPM2_PT.MANUFACTURER, 1)
+            manufacturer = int(fixed.data.tpmProperties.tpmProperty[0].value).to_bytes(4, "big")
+            _, var = self._esys.get_capability(TPM2_CAP.TPM_PROPERTIES, TPM2_PT.PERMANENT, 64)
+            props = {int(p.property): int(p.value) for p in var.data.tpmProperties}
+            _, pcrs = self._esys.get_capability(TPM2_CAP.PCRS, 0, 16)
+        except TSS2_Exception as exc:
+            raise _tpm_error(exc, "reading TPM properties") from None
+        names = {0x0004: "sha1", 0x000B: "sha256", 0x000C: "sha384", 0x000D: "sha512"}
+        banks = [names.get(int(s.hash), hex(int(s.hash))) for s in pcrs.data.assignedPCR
+                 if any(s.pcrSelect[i] for i in range(s.sizeofSelect))]
+        permanent = props.get(int(TPM2_PT.PERMANENT), 0)
+        return TpmInfo(
+            manufacturer=manufacturer.rstrip(b"\0").decode(errors="replace").strip(),
+            banks=banks,
+            lockout_counter=props.get(int(TPM2_PT.LOCKOUT_COUNTER), 0),
+            max_tries=props.get(int(TPM2_PT.MAX_AUTH_FAIL), 0),
+            in_lockout=bool(permanent & (1 << 9)),
+        )
+
+    def trial_policy_pcr(self, selection: PcrSelection, with_pin: bool = False) -> bytes:
+        """The TPM's own PolicyPCR digest for the current values (tests compare policy.py to it)."""
+        session = self._esys.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.TRIAL, None, TPM2_ALG.SHA256)
+        try:
+            self._policy_pcr(session, selection)
+            if with_pin:
+                self._esys.policy_auth_value(session)
+            return bytes(self._esys.policy_get_digest(session))
+        finally:
+            self._flush(session)
+
+    # --- sealed objects ---------------------------------------------------------------------------
+    def seal(self, secret: Secret, policy: bytes) -> SealedObject:
+        """Seal `secret` under the SRK, readable only through `policy` (PolicyPCR). noDA is set."""
+        if len(secret) > MAX_SEALED:
+            raise UsageError(f"a sealed secret can hold at most {MAX_SEALED} bytes, this one has {len(secret)}")
+        template = TPMT_PUBLIC(type=TPM2_ALG.KEYEDHASH, nameAlg=TPM2_ALG.SHA256,
+                               objectAttributes=TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.NODA,
+                               authPolicy=TPM2B_DIGEST(policy))
+        template.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG.NULL
+        sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=_tpm2b_from_secret(TPM2B_SENSITIVE_DATA, secret)))
+        try:
+            # The HMAC session's DECRYPT flag encrypts inSensitive on its way to the TPM.
+            with self._salted_session(TPM2_SE.HMAC) as session:
+                private, public, _, _, _ = self._esys.create(self.srk(), sensitive, TPM2B_PUBLIC(publicArea=template),
+                                                             session1=session)
+        except TSS2_Exception as exc:
+            raise _tpm_error(exc, "sealing the key") from None
+        finally:
+            _wipe_cdata(sensitive.sensitive.data)
+        return SealedObject(public=public.marshal(), private=private.marshal())
+
+    def unseal(self, sealed: SealedObject, selection: PcrSelection) -> Secret:
+        """Load and unseal over a salted, encrypted PolicyPCR session."""
+        public, private = _unmarshal_sealed(sealed)
+        try:
+            obj = self._esys.load(self.srk(), private, public)
+        except TSS2_Exception as exc:
+            raise _tpm_error(exc, "loading the sealed object") from None
+        try:
+            with self._salted_session(TPM2_SE.POLICY) as session:
+                self._policy_pcr(session, selection)
+                data = self._esys.unseal(obj, session1=session)
+            return _take_secret(data)
+        except TSS2_Exception as exc:
+            raise _tpm_error(exc, "unsealing") from None
+        finally:
+            self._flush(obj)
+
+    # --- NV indexes -------------------------------------------------------------------------------
+    def nv_info(self, index: int) -> NvInfo | None:
+        try:
+            more, data = self._esys.get_capability(TPM2_CAP.HANDLES, index, 1)
+            if not data.data.handles.count or int(data.data.handles[0]) != index:
+                return None
+            handle = self._esys.tr_from_tpmpublic(index)
+            try:
+                nvpub, _ = self._esys.nv_read_public(handle)
+            finally:
+                self._esys.tr_close(handle)
+        except TSS2_Exception as exc:
+            raise _tpm_error(exc, f"reading NV index 0x{index:08x}") from None
+        attrs = int(nvpub.nvPublic.attributes)
+        return NvInfo(index=index, size=int(nvpub.nvPublic.dataSize), attributes=attrs,
+                      auth_policy=bytes(nvpub.nvPublic.authPolicy), no_da=bool(attrs & TPMA_NV.NO_DA))
+
+    def nv_define_and_write(self, index: int, secret: Secret, policy: bytes) -> None:
+        """Define `index` (policyread|authwrite|no_da, like the seed's tpm2_nvdefine plus noDA) and write."""
+        if self.nv_info(index) is not None:
+            raise UsageError(f"NV index 0x{index:08x} is already defined (choose another with --store nv=INDEX)")
+        public = TPM2B_NV_PUBLIC(nvPublic=TPMS_NV_PUBLIC(
+            nvIndex=index, nameAlg=TPM2_ALG.SHA256,
+            attributes=TPMA_NV.POLICYREAD | TPMA_NV.AUTHWRITE | TPMA_NV.NO_DA,
+            authPolicy=TPM2B_DIGEST(policy), dataSize=len(secret)))
+        try:
+            handle = self._esys.nv_define_space(TPM2B_AUTH(b""), public, auth_handle=ESYS_TR.OWNER)
+        except TSS2_Exception as exc:
+            raise _tpm_error(exc, f"defining NV index 0x{index:08x}") from None
+        buffer = _tpm2b_from_secret(TPM2B_MAX_NV_BUFFER, secret)
+        try:
+            with self._salted_session(TPM2_SE.HMAC) as session:
+                self._esys.nv_write(handle, buffer, 0, auth_handle=handle, session1=session)
+        except TSS2_Exception as exc:
+            self.nv_undefine(index)
+            raise _tpm_error(exc, f"writing NV index 0x{index:08x}") from None
+        finally:
+            _wipe_cdata(buffer)
+            self._esys.tr_close(handle)
+
+    def nv_read(self, index: int, selection: PcrSelection) -> Secret:
+        info = self.nv_info(index)
+        if info is None:
+            raise CorruptError(f"NV index 0x{index:08x} does not exist in this TPM")
+        handle = self._esys.tr_from_tpmpublic(index)
+        try:
+            with self._salted_session(TPM2_SE.POLICY) as session:
+                self._policy_pcr(session, selection)
+                data = self._esys.nv_read(handle, info.size, 0, auth_handle=handle, session1=session)
+            return _take_secret(data)
+        except TSS2_Exception as exc:
+            raise _tpm_error(exc, f"reading NV index 0x{index:08x}") from None
+        finally:
+            self._esys.tr_close(handle)
+
+    def nv_undefine(self, index: int) -> bool:
+        """Undefine `index`; False if it did not exist."""
+        if self.nv_info(index) is None:
+            return False
+        handle = self._esys.tr_from_tpmpublic(index)
+        try:
+            self._esys.nv_undefine_space(handle, auth_handle=ESYS_TR.OWNER)
+        except TSS2_Exception as exc:
+            self._esys.tr_close(handle)
+            raise _tpm_error(exc, f"removing NV index 0x{index:08x}") from None
+        return True
+
+    def free_nv_index(self, start: int) -> int:
+        for index in range(start, start + 256):
+            if self.nv_info(index) is None:
+                return index
+        raise UsageError(f"no free NV index near 0x{start:08x}")
+
+
+def _unmarshal_sealed(sealed: SealedObject) -> tuple[TPM2B_PUBLIC, TPM2B_PRIVATE]:
+    try:
+        public, used_pub = TPM2B_PUBLIC.unmarshal(sealed.public)
+        private, used_priv = TPM2B_PRIVATE.unmarshal(sealed.private)
+    except TSS2_Exception:
+        raise CorruptError("the sealed object is truncated or malformed") from None
+    if used_pub != len(sealed.public) or used_priv != len(sealed.private):
+        raise CorruptError("the sealed object has trailing bytes (not a TPM2B_PUBLIC/TPM2B_PRIVATE pair)")
+    if public.publicArea.type != TPM2_ALG.KEYEDHASH:
+        raise CorruptError("the sealed object is not a sealed data object")
+    return public, private
+
+
+def validate_sealed(sealed: SealedObject) -> None:
+    """Check a blob's shape without a TPM (adopt and file stores call this first)."""
+    _unmarshal_sealed(sealed)
+
+
+def _take_secret(tpm2b: object) -> Secret:
+    """Copy a TPM2B's bytes into a Secret and zero the TPM2B."""
+    from tpm2_pytss._libtpm2_pytss import ffi
+
+    cdata = tpm2b._cdata  # type: ignore[attr-defined]
+    secret = Secret(bytearray(ffi.buffer(cdata.buffer, cdata.size)))
+    ffi.memmove(cdata.buffer, bytes(len(cdata.buffer)), len(cdata.buffer))
+    return secret
+
+
+def _wipe_cdata(tpm2b: object) -> None:
+    from tpm2_pytss._libtpm2_pytss import ffi
+
+    cdata = tpm2b._cdata  # type: ignore[attr-defined]
+    ffi.memmove(cdata.buffer, bytes(len(cdata.buffer)), len(cdata.buffer))
+
+
+def _tpm2b_from_secret(cls: type, secret: Secret) -> object:
+    """A TPM2B filled from the secret's bytearray without an immutable bytes copy."""
+    from tpm2_pytss._libtpm2_pytss import ffi
+
+    obj = cls()
+    obj._cdata.size = len(secret)  # type: ignore[attr-defined]
+    ffi.memmove(obj._cdata.buffer, secret.data, len(secret))  # type: ignore[attr-defined]
+    return obj
+
+
+def sealed_auth_policy(sealed: SealedObject) -> bytes:
+    """The authPolicy digest in a sealed object's public area (empty when it has none)."""
+    public, _ = _unmarshal_sealed(sealed)
+    return bytes(public.publicArea.authPolicy)

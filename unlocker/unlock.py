@@ -1,0 +1,102 @@
+"""unlock: unseal the key through the device's tokens and open it; else say why and ask the passphrase."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import store
+from .errors import CorruptError, NoTpmError, PolicyError, UnlockerError, UsageError, WrongPassphraseError
+from .log import say
+from .luks import LuksDevice
+from .policy import changed_pcrs
+from .prompt import ask_passphrase
+from .secret import Secret
+from .token import Token
+from .tpm import Tpm, resolve_tcti
+
+
+@dataclass(frozen=True)
+class UnlockOptions:
+    device: str
+    name: str | None
+    test: bool
+    tries: int
+    tcti: str | None
+
+
+def explain_policy_failure(tpm: Tpm, token: Token, exc: PolicyError) -> PolicyError:
+    """Name the PCRs whose values differ from those recorded at sealing."""
+    try:
+        current = tpm.read_pcrs(token.selection)
+    except UnlockerError:
+        return exc
+    changed = changed_pcrs(token.pcr_values, current)
+    if not changed:
+        return PolicyError("the TPM refused the PCR policy although the PCR values match the enrolment")
+    names = ", ".join(str(p) for p in changed)
+    plural = "s" if len(changed) > 1 else ""
+    return PolicyError(f"PCR{plural} {names} changed since enrolment ({token.selection.bank} bank)",
+                       changed_pcrs=changed,
+                       hint="after an intended update, run 'tpm2-unlocker reseal' once booted")
+
+
+def unseal_any(device: LuksDevice, tcti: str | None) -> tuple[Secret, Token]:
+    """The key of the first token that unseals, or the most telling error of why none did."""
+    tokens = device.our_tokens()
+    if not tokens:
+        raise UsageError(f"{device.path} has no tpm2-unlocker enrolment (run 'tpm2-unlocker enroll' first)")
+    reasons: list[UnlockerError] = [t for _, t in tokens if isinstance(t, CorruptError)]
+    good = [t for _, t in tokens if isinstance(t, Token)]
+    if good:
+        with Tpm(resolve_tcti(tcti)) as tpm:
+            for token in good:
+                try:
+                    return store.take(tpm, token), token
+                except PolicyError as exc:
+                    reasons.append(explain_policy_failure(tpm, token, exc))
+                except NoTpmError as exc:
+                    reasons.append(exc)
+                    break
+                except UnlockerError as exc:
+                    reasons.append(exc)
+    # A corrupt token matters less than what the TPM said about a good one.
+    reasons.sort(key=lambda e: isinstance(e, CorruptError) and len(good) > 0)
+    raise reasons[0]
+
+
+def open_or_test(device: LuksDevice, key: Secret, name: str, slot: int | None, test: bool) -> bool:
+    """Open the mapping (or only test the key with `test`); False if the key opens no such slot."""
+    return device.test_key(key, slot) if test else device.open(key, name, slot)
+
+
+def unlock(opts: UnlockOptions) -> str:
+    """Open the device; returns how ("tpm" or "passphrase")."""
+    device = LuksDevice(opts.device)
+    device.metadata()
+    name = opts.name or f"luks-{device.uuid()}"
+    try:
+        key, token = unseal_any(device, opts.tcti)
+        with key:
+            if not open_or_test(device, key, name, token.keyslot, opts.test):
+                raise CorruptError(f"the unsealed key does not open keyslot {token.keyslot}")
+        say(f"{opts.device}: unlocked with the TPM" + (" (test only)" if opts.test else f" as {name}"))
+        return "tpm"
+    except UnlockerError as exc:
+        reason = exc
+    say(f"{opts.device}: TPM unlock failed: {reason}")
+    if reason.hint:
+        say(f"hint: {reason.hint}")
+    for attempt in range(opts.tries):
+        passphrase = ask_passphrase(f"Enter passphrase for {opts.device}: ")
+        if passphrase is None:
+            # Nobody can answer: exit with the TPM failure's own code (its line was said above).
+            raise type(reason)(f"{opts.device}: not unlocked (no passphrase given)")
+        with passphrase:
+            ok = open_or_test(device, passphrase, name, None, opts.test)
+        if ok:
+            say(f"{opts.device}: unlocked with the passphrase" + (" (test only)" if opts.test else f" as {name}"))
+            return "passphrase"
+        say(f"wrong passphrase ({attempt + 1} of {opts.tries})")
+    if opts.tries == 0:
+        raise type(reason)(f"{opts.device}: not unlocked (no passphrase prompt with --tries 0)")
+    raise WrongPassphraseError(f"{opts.device}: no passphrase opened the disk after {opts.tries} tries")
