@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import Swtpm, make_luks_image, write_key_file  # noqa: E402
+from helpers import Swtpm, make_luks_image, write_key_file
 
 
 @pytest.fixture(scope="session")
@@ -24,11 +24,13 @@ def swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swtpm]:
 
 @pytest.fixture
 def tpm(swtpm: Swtpm) -> Iterator[Swtpm]:
-    """The session's swtpm, freshly 'rebooted' (PCRs reset, no lockout) for each test."""
+    """The session's swtpm, 'rebooted' and cleared for each test: PCRs reset, no lockout, no NV
+    indexes or persistent keys left by another test (TPM2_Clear through the platform hierarchy)."""
     if swtpm.proc is None:
         swtpm.start()
     swtpm.reboot()
     swtpm.clear_lockout()
+    swtpm.tools("tpm2_clear", "-c", "p")
     yield swtpm
     if swtpm.proc is None:
         swtpm.start()

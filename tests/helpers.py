@@ -49,6 +49,7 @@ class Swtpm:
         return f"swtpm:host=127.0.0.1,port={self.port}"
 
     def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port_pair()
         self.proc = subprocess.Popen(
             ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.state_dir}",
@@ -93,7 +94,10 @@ class Swtpm:
     def tools(self, *args: str, input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess:
         """Run a tpm2-tools command against this swtpm."""
         env = dict(os.environ, TPM2TOOLS_TCTI=self.tcti)
-        return subprocess.run(list(args), input=input, capture_output=True, env=env, check=check)
+        done = subprocess.run(list(args), input=input, capture_output=True, env=env)
+        if check and done.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} failed: {done.stderr.decode()}")
+        return done
 
     def extend(self, pcr: int, bank: str = "sha256", digest: str = ZERO_DIGEST) -> None:
         self.tools("tpm2_pcrextend", f"{pcr}:{bank}={digest}")
@@ -159,3 +163,19 @@ def scratch_dir() -> Path:
 
 def have(program: str) -> bool:
     return shutil.which(program) is not None
+
+# tpm2-tools' attributes for our SRK: its default ECC primary plus noda.
+SRK_ATTRS = "restricted|decrypt|fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda"
+
+
+def tpm2_tools_unseal(tpm: Swtpm, blob: Path, pcrs: str, work: Path) -> bytes:
+    """Read a file-store key with tpm2-tools (interop, and to know what must never appear elsewhere)."""
+    work.mkdir(exist_ok=True)
+    tpm.tools("tpm2_createprimary", "-C", "o", "--key-algorithm=ecc", f"--attributes={SRK_ATTRS}",
+              f"--key-context={work / 'p.ctx'}")
+    tpm.tools("tpm2_load", f"--parent-context={work / 'p.ctx'}", f"--public={blob / 'key.pub'}",
+              f"--private={blob / 'key.priv'}", f"--key-context={work / 'k.ctx'}")
+    tpm.tools("tpm2_flushcontext", "-t")
+    key = tpm.tools("tpm2_unseal", f"--object-context={work / 'k.ctx'}", f"--auth=pcr:{pcrs}").stdout
+    tpm.tools("tpm2_flushcontext", "-t")
+    return key

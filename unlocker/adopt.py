@@ -66,7 +66,10 @@ def adopt(opts: AdoptOptions) -> Token:
         expected = sealing_policy(opts.selection, values)
         if sealed is not None:
             policy = sealed_auth_policy(sealed)
+            tpm.use_tpm2_tools_srk()  # the recipe's `tpm2_createprimary --key-algorithm=ecc`
             secret = tpm.unseal(sealed, opts.selection)
+            say("the adopted object and its parent are DA-protected: power cuts count against the TPM's "
+                "lockout; 'tpm2-unlocker reseal' re-seals the key under a noDA key")
         else:
             assert opts.nv_index is not None
             info = tpm.nv_info(opts.nv_index)
@@ -83,7 +86,7 @@ def adopt(opts: AdoptOptions) -> Token:
         with secret:
             slot = _keyslot_of(device, secret)
         token = Token(keyslot=slot, store="token" if sealed else "nv", selection=opts.selection,
-                      pcr_values=values, policy_hash=policy, srk_name=tpm.srk_name(),
+                      pcr_values=values, policy_hash=policy, srk_name=tpm.current_srk_name(),
                       public=sealed.public if sealed else b"", private=sealed.private if sealed else b"",
                       nv_index=opts.nv_index or 0, keyslot_owned=False)
         device.import_token(token)

@@ -40,11 +40,16 @@ def verb_enroll(opts: argparse.Namespace) -> int:
 
 
 def verb_unlock(opts: argparse.Namespace) -> int:
-    from .unlock import UnlockOptions, unlock
+    from .unlock import BootOptions, UnlockOptions, unlock, unlock_at_boot
 
     if opts.tries < 0:
         raise UsageError("--tries must be 0 or more")
-    unlock(UnlockOptions(opts.device, opts.name, opts.test, opts.tries, opts.tcti))
+    if opts.device is None:
+        if opts.test or opts.name:
+            raise UsageError("--test and NAME need a DEVICE")
+        unlock_at_boot(BootOptions(opts.tries, opts.tcti, opts.timeout))
+    else:
+        unlock(UnlockOptions(opts.device, opts.name, opts.test, opts.tries, opts.tcti))
     return EXIT_OK
 
 
@@ -111,11 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default="token", help="token (default), nv[=INDEX] or file=DIR")
     p.add_argument("--unlock-key-file", metavar="FILE", help="existing passphrase/key file ('-' for stdin)")
 
-    p = verb("unlock", verb_unlock, "unseal the key and open the disk; else ask for the passphrase")
-    p.add_argument("device")
+    p = verb("unlock", verb_unlock, "unseal the key and open the disk; else ask for the passphrase. Without "
+             "DEVICE (at boot): every device named by rd.luks.uuid=/rd.luks.name=/cryptdevice=, else in "
+             "/etc/crypttab, else every LUKS2 device with a tpm2-unlocker token")
+    p.add_argument("device", nargs="?")
     p.add_argument("name", nargs="?", help="mapping name (default luks-UUID)")
     p.add_argument("--test", action="store_true", help="only prove the key opens its keyslot; map nothing")
-    p.add_argument("--tries", type=int, default=3, help="passphrase attempts after a TPM failure (default 3)")
+    p.add_argument("--tries", type=int, default=3, help="passphrase attempts after a TPM failure (default 3; "
+                   "0: TPM only, leave the device closed for systemd-cryptsetup)")
+    p.add_argument("--timeout", type=float, default=30, help="seconds to wait for boot devices (default 30)")
 
     p = verb("reseal", verb_reseal, "seal the key to the current PCR values (after an update)")
     p.add_argument("device")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from .errors import UsageError, WrongPassphraseError
+from .log import say
 from .luks import LuksDevice
 from .prompt import ask_passphrase
-from .log import say
 from .secret import Secret
 
 
@@ -26,11 +26,11 @@ def existing_passphrase(device: LuksDevice, key_file: str | None, tries: int = 3
             raise WrongPassphraseError(f"--unlock-key-file {key_file} does not open any keyslot of {device.path}")
         return secret
     for _ in range(max(tries, 1)):
-        secret = ask_passphrase(f"Passphrase for {device.path}: ")
-        if secret is None:
+        answer = ask_passphrase(f"Passphrase for {device.path}: ")
+        if answer is None:
             raise UsageError("no terminal to ask for the passphrase on (use --unlock-key-file FILE)")
-        if device.test_key(secret):
-            return secret
-        secret.wipe()
+        if device.test_key(answer):
+            return answer
+        answer.wipe()
         say("that passphrase does not open the disk")
     raise WrongPassphraseError(f"no passphrase given opens {device.path}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Self
 
 
 class Secret:
@@ -55,7 +56,7 @@ class Secret:
         self.data[:] = bytes(len(self.data))
         self.data.clear()
 
-    def __enter__(self) -> Secret:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -15,12 +15,35 @@ from dataclasses import dataclass
 # tpm2-tss logs every TPM error on stderr; we report our own one line instead.
 os.environ.setdefault("TSS2_LOG", "all+NONE")
 
-from tpm2_pytss import ESAPI, TSS2_Exception  # noqa: E402
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_PT, TPM2_RC, TPM2_SE, TPMA_NV, \
-    TPMA_OBJECT, TPMA_SESSION
-from tpm2_pytss.types import TPM2B_AUTH, TPM2B_DIGEST, TPM2B_MAX_NV_BUFFER, TPM2B_NV_PUBLIC, TPM2B_PRIVATE, \
-    TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE, TPM2B_SENSITIVE_DATA, TPML_PCR_SELECTION, TPMS_NV_PUBLIC, \
-    TPMS_SENSITIVE_CREATE, TPMT_PUBLIC, TPMT_SYM_DEF
+from typing import Self
+
+from tpm2_pytss import ESAPI, TSS2_Exception
+from tpm2_pytss.constants import (
+    ESYS_TR,
+    TPM2_ALG,
+    TPM2_CAP,
+    TPM2_PT,
+    TPM2_RC,
+    TPM2_SE,
+    TPMA_NV,
+    TPMA_OBJECT,
+    TPMA_SESSION,
+)
+from tpm2_pytss.types import (
+    TPM2B_AUTH,
+    TPM2B_DIGEST,
+    TPM2B_MAX_NV_BUFFER,
+    TPM2B_NV_PUBLIC,
+    TPM2B_PRIVATE,
+    TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
+    TPM2B_SENSITIVE_DATA,
+    TPML_PCR_SELECTION,
+    TPMS_NV_PUBLIC,
+    TPMS_SENSITIVE_CREATE,
+    TPMT_PUBLIC,
+    TPMT_SYM_DEF,
+)
 
 from .errors import CorruptError, LockoutError, NoTpmError, PolicyError, UsageError
 from .policy import PcrSelection
@@ -68,9 +91,17 @@ class NvInfo:
     no_da: bool
 
 
-def _srk_template() -> TPM2B_PUBLIC:
-    # The template `tpm2_createprimary -C o -G ecc` uses, so tpm2-tools and we derive the same SRK.
-    return TPM2B_PUBLIC.parse("ecc256:aes128cfb", objectAttributes=TPMA_OBJECT.DEFAULT_TPM2_TOOLS_CREATEPRIMARY_ATTRS)
+# Our SRK: the ECC P-256 storage primary of `tpm2_createprimary -C o -G ecc`, plus noDA (as the TCG
+# provisioning guidance and systemd have it). Without noDA every use of the SRK marks the boot as
+# DA-relevant, and each power cut then counts towards lockout: measured, lockout on the 4th cut.
+SRK_TCG_ATTRS = TPMA_OBJECT.DEFAULT_TPM2_TOOLS_CREATEPRIMARY_ATTRS | TPMA_OBJECT.NODA
+# tpm2-tools' default template (no noDA): the parent of objects made by the ArchWiki recipe.
+SRK_TPM2_TOOLS_ATTRS = TPMA_OBJECT.DEFAULT_TPM2_TOOLS_CREATEPRIMARY_ATTRS
+SRK_TEMPLATES = {"tcg": SRK_TCG_ATTRS, "tpm2-tools": SRK_TPM2_TOOLS_ATTRS}
+
+
+def _srk_template(kind: str) -> TPM2B_PUBLIC:
+    return TPM2B_PUBLIC.parse("ecc256:aes128cfb", objectAttributes=SRK_TEMPLATES[kind])
 
 
 def _tpm_error(exc: TSS2_Exception, doing: str) -> Exception:
@@ -81,7 +112,8 @@ def _tpm_error(exc: TSS2_Exception, doing: str) -> Exception:
     base = int(exc.error) if exc.error else rc
     if base == TPM2_RC.LOCKOUT:
         return LockoutError("the TPM is in dictionary-attack lockout",
-                            hint="it recovers by itself after its recovery time; tpm2_dictionarylockout --clear-lockout resets it")
+                            hint="it recovers by itself after its recovery time; "
+                                 "tpm2_dictionarylockout --clear-lockout resets it")
     if base in (TPM2_RC.POLICY_FAIL, TPM2_RC.PCR_CHANGED, TPM2_RC.VALUE) and doing.startswith(("unsealing", "reading NV")):
         return PolicyError(f"the PCR policy is not satisfied while {doing}")
     if base in (TPM2_RC.AUTH_FAIL, TPM2_RC.BAD_AUTH):
@@ -109,9 +141,10 @@ class Tpm:
             raise NoTpmError(f"cannot reach the TPM at '{tcti}' ({exc})") from None
         self._srk: ESYS_TR | None = None
         self._srk_transient = False
+        self._srk_for_sealing = False
         self._srk_name = b""
 
-    def __enter__(self) -> Tpm:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -133,49 +166,90 @@ class Tpm:
             pass
 
     # --- SRK and sessions -----------------------------------------------------------------------
+    def _set_srk(self, handle: ESYS_TR, transient: bool, for_sealing: bool) -> None:
+        if self._srk is not None and self._srk_transient:
+            self._flush(self._srk)
+        self._srk, self._srk_transient, self._srk_for_sealing = handle, transient, for_sealing
+        self._srk_name = bytes(self._esys.tr_get_name(handle))
+
+    def _current_srk(self) -> ESYS_TR:
+        """The SRK selected last (by check_srk for an unseal), else the sealing one."""
+        return self._srk if self._srk is not None else self.srk()
+
+    def _persistent_srk(self) -> tuple[ESYS_TR, bool] | None:
+        """0x81000001 if present, with whether it has noDA."""
+        if SRK_PERSISTENT_HANDLE not in self._persistent_handles():
+            return None
+        handle = self._esys.tr_from_tpmpublic(SRK_PERSISTENT_HANDLE)
+        public, _, _ = self._esys.read_public(handle)
+        return handle, bool(public.publicArea.objectAttributes & TPMA_OBJECT.NODA)
+
+    def _create_srk(self, kind: str) -> ESYS_TR:
+        handle, _, _, _, _ = self._esys.create_primary(TPM2B_SENSITIVE_CREATE(), _srk_template(kind), ESYS_TR.OWNER)
+        return handle
+
     def srk(self) -> ESYS_TR:
-        """The storage root key: persistent 0x81000001 when present, else the standard ECC primary."""
-        if self._srk is not None:
+        """The SRK new keys are sealed under: 0x81000001 when present and noDA, else our noDA primary."""
+        if self._srk is not None and self._srk_for_sealing:
             return self._srk
         try:
-            if SRK_PERSISTENT_HANDLE in self._persistent_handles():
-                self._srk = self._esys.tr_from_tpmpublic(SRK_PERSISTENT_HANDLE)
-                self._srk_transient = False
+            persistent = self._persistent_srk()
+            if persistent is not None and persistent[1]:
+                self._set_srk(persistent[0], transient=False, for_sealing=True)
             else:
-                self._srk, _, _, _, _ = self._esys.create_primary(TPM2B_SENSITIVE_CREATE(), _srk_template(),
-                                                                   ESYS_TR.OWNER)
-                self._srk_transient = True
-            self._srk_name = bytes(self._esys.tr_get_name(self._srk))
+                self._set_srk(self._create_srk("tcg"), transient=True, for_sealing=True)
         except TSS2_Exception as exc:
             raise _tpm_error(exc, "creating the storage root key") from None
-        return self._srk
+        return self._srk  # type: ignore[return-value]
 
     def srk_name(self) -> bytes:
+        """Name of the SRK new keys are sealed under."""
         self.srk()
         return self._srk_name
 
+    def current_srk_name(self) -> bytes:
+        """Name of the SRK selected last (the parent of what was just loaded)."""
+        self._current_srk()
+        return self._srk_name
+
     def check_srk(self, expected: bytes) -> None:
-        """Refuse a TPM whose SRK is not the one the key was sealed under (swapped or cleared TPM)."""
-        name = self.srk_name()
-        if name != expected and self._srk_transient is False:
-            # A persistent SRK with a different template: fall back to the standard primary.
-            self._srk = None
-            self._srk, _, _, _, _ = self._esys.create_primary(TPM2B_SENSITIVE_CREATE(), _srk_template(), ESYS_TR.OWNER)
-            self._srk_transient = True
-            name = self._srk_name = bytes(self._esys.tr_get_name(self._srk))
-        if name != expected:
-            raise NoTpmError("this TPM's storage root key is not the one the key was sealed under "
-                             "(a different or cleared TPM)")
+        """Select the SRK a key was sealed under, by its name; refuse a TPM that has none such.
+
+        Tried in order: the one already selected, 0x81000001, our noDA primary, tpm2-tools' primary
+        (adopted objects). A swapped or cleared TPM derives other keys and is refused.
+        """
+        try:
+            if self._srk is not None and self._srk_name == expected:
+                return
+            persistent = self._persistent_srk()
+            if persistent is not None and bytes(self._esys.tr_get_name(persistent[0])) == expected:
+                self._set_srk(persistent[0], transient=False, for_sealing=persistent[1])
+                return
+            for kind in SRK_TEMPLATES:
+                self._set_srk(self._create_srk(kind), transient=True, for_sealing=kind == "tcg")
+                if self._srk_name == expected:
+                    return
+        except TSS2_Exception as exc:
+            raise _tpm_error(exc, "creating the storage root key") from None
+        raise NoTpmError("this TPM's storage root key is not the one the key was sealed under "
+                         "(a different or cleared TPM)")
+
+    def use_tpm2_tools_srk(self) -> None:
+        """Select tpm2-tools' default primary, the parent of objects made by the ArchWiki recipe."""
+        try:
+            self._set_srk(self._create_srk("tpm2-tools"), transient=True, for_sealing=False)
+        except TSS2_Exception as exc:
+            raise _tpm_error(exc, "creating the storage root key") from None
 
     def _persistent_handles(self) -> set[int]:
-        more, data = self._esys.get_capability(TPM2_CAP.HANDLES, 0x81000000, 64)
+        _more, data = self._esys.get_capability(TPM2_CAP.HANDLES, 0x81000000, 64)
         return {int(h) for h in data.data.handles}
 
     @contextmanager
     def _salted_session(self, session_type: TPM2_SE) -> Iterator[ESYS_TR]:
         """A session salted with the SRK, encrypting the first command and response parameter."""
         session = self._esys.start_auth_session(
-            tpm_key=self.srk(), bind=ESYS_TR.NONE, session_type=session_type,
+            tpm_key=self._current_srk(), bind=ESYS_TR.NONE, session_type=session_type,
             symmetric=TPMT_SYM_DEF.parse("aes128cfb"), auth_hash=TPM2_ALG.SHA256)
         try:
             self._esys.trsess_set_attributes(
@@ -199,7 +273,7 @@ class Tpm:
                             if sel_out.count and sel_out.pcrSelections[0].pcrSelect[p // 8] & (1 << (p % 8))]
                 if len(returned) != len(chunk.pcrs):
                     raise UsageError(f"the TPM has no active {selection.bank} PCR bank")
-                for p, d in zip(returned, digests):
+                for p, d in zip(returned, digests, strict=True):
                     values[p] = bytes(d)
         except TSS2_Exception as exc:
             raise _tpm_error(exc, "reading PCRs") from None
@@ -248,9 +322,10 @@ class Tpm:
         template.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG.NULL
         sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=_tpm2b_from_secret(TPM2B_SENSITIVE_DATA, secret)))
         try:
+            parent = self.srk()
             # The HMAC session's DECRYPT flag encrypts inSensitive on its way to the TPM.
             with self._salted_session(TPM2_SE.HMAC) as session:
-                private, public, _, _, _ = self._esys.create(self.srk(), sensitive, TPM2B_PUBLIC(publicArea=template),
+                private, public, _, _, _ = self._esys.create(parent, sensitive, TPM2B_PUBLIC(publicArea=template),
                                                              session1=session)
         except TSS2_Exception as exc:
             raise _tpm_error(exc, "sealing the key") from None
@@ -262,7 +337,7 @@ class Tpm:
         """Load and unseal over a salted, encrypted PolicyPCR session."""
         public, private = _unmarshal_sealed(sealed)
         try:
-            obj = self._esys.load(self.srk(), private, public)
+            obj = self._esys.load(self._current_srk(), private, public)
         except TSS2_Exception as exc:
             raise _tpm_error(exc, "loading the sealed object") from None
         try:
@@ -278,7 +353,7 @@ class Tpm:
     # --- NV indexes -------------------------------------------------------------------------------
     def nv_info(self, index: int) -> NvInfo | None:
         try:
-            more, data = self._esys.get_capability(TPM2_CAP.HANDLES, index, 1)
+            _more, data = self._esys.get_capability(TPM2_CAP.HANDLES, index, 1)
             if not data.data.handles.count or int(data.data.handles[0]) != index:
                 return None
             handle = self._esys.tr_from_tpmpublic(index)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from . import store
-from .errors import CorruptError, NoTpmError, PolicyError, UnlockerError, UsageError, WrongPassphraseError
+from .errors import CorruptError, DeviceNotFoundError, NoTpmError, PolicyError, UnlockerError, UsageError, WrongPassphraseError
 from .log import say
 from .luks import LuksDevice
 from .policy import changed_pcrs
@@ -100,3 +101,47 @@ def unlock(opts: UnlockOptions) -> str:
     if opts.tries == 0:
         raise type(reason)(f"{opts.device}: not unlocked (no passphrase prompt with --tries 0)")
     raise WrongPassphraseError(f"{opts.device}: no passphrase opened the disk after {opts.tries} tries")
+
+
+@dataclass(frozen=True)
+class BootOptions:
+    tries: int
+    tcti: str | None
+    timeout: float
+
+
+def unlock_at_boot(opts: BootOptions) -> int:
+    """Open every device the boot asks for (cmdline, crypttab, else every device with our token).
+
+    Returns how many were opened; raises the first failure after trying them all.
+    """
+    from .devices import boot_targets, read_luks_header, wait_for
+
+    targets = boot_targets()
+    if not targets:
+        say("no LUKS device to open (none on the command line, in crypttab, or with a tpm2-unlocker token)")
+        return 0
+    failures: list[UnlockerError] = []
+    opened = 0
+    for target in targets:
+        path = wait_for(target.source, opts.timeout)
+        if path is None:
+            failures.append(DeviceNotFoundError(f"{target.source}: no such device after {opts.timeout:g} s"))
+            say(failures[-1].message)
+            continue
+        name = target.name
+        if name is None:
+            header = read_luks_header(path)
+            name = f"luks-{header[0]}" if header else os.path.basename(path)
+        if os.path.exists(f"/dev/mapper/{name}"):
+            say(f"{path}: already open as {name}")
+            continue
+        try:
+            unlock(UnlockOptions(path, name, False, opts.tries, opts.tcti))
+            opened += 1
+        except UnlockerError as exc:
+            say(exc.message)
+            failures.append(exc)
+    if failures:
+        raise failures[0]
+    return opened

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import PASSPHRASE, Swtpm, luks_json, opens, our_tokens, run_cli
+from helpers import PASSPHRASE, Swtpm, luks_json, opens, our_tokens, run_cli, tpm2_tools_unseal
 
 pytestmark = pytest.mark.tpm
 
@@ -42,14 +42,7 @@ def test_file_store_blob_is_read_by_tpm2_tools(disk: Path, key_file: Path, tpm: 
     """Our key.pub/key.priv are tpm2_create's format: tpm2_load + tpm2_unseal give the keyslot's key."""
     blob = tmp_path / "blob"
     enroll(disk, key_file, tpm, "--store", f"file={blob}", "--pcrs", "sha256:0,7")
-    ctx = tmp_path / "ctx"
-    ctx.mkdir()
-    tpm.tools("tpm2_createprimary", "-C", "o", "--key-algorithm=ecc", f"--key-context={ctx / 'primary.ctx'}")
-    tpm.tools("tpm2_load", f"--parent-context={ctx / 'primary.ctx'}", f"--public={blob / 'key.pub'}",
-              f"--private={blob / 'key.priv'}", f"--key-context={ctx / 'key.ctx'}")
-    tpm.tools("tpm2_flushcontext", "-t")
-    key = tpm.tools("tpm2_unseal", f"--object-context={ctx / 'key.ctx'}", "--auth=pcr:sha256:0,7").stdout
-    tpm.tools("tpm2_flushcontext", "-t")
+    key = tpm2_tools_unseal(tpm, blob, "sha256:0,7", tmp_path / "ctx")
     assert len(key) == 32
     assert opens(disk, key, slot=1)
 

@@ -1,0 +1,46 @@
+"""Bad command lines and bad devices: one clear line and the exit code of the table, never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import run_cli
+
+
+@pytest.mark.parametrize("args,code,message", [
+    ([], 1, b"no verb given"),
+    (["frobnicate"], 1, b"invalid choice"),
+    (["enroll"], 1, b"the following arguments are required: device"),
+    (["enroll", "/nonexistent/disk", "--pcrs", "sha256:99"], 1, b"PCR 99 is out of range"),
+    (["enroll", "/nonexistent/disk", "--store", "cloud"], 1, b"unknown store 'cloud'"),
+    (["enroll", "/nonexistent/disk"], 8, b"no such device"),
+    (["unlock", "/nonexistent/disk"], 8, b"no such device"),
+    (["unlock", "/dev/null", "--tries", "-1"], 1, b"--tries must be 0 or more"),
+    (["adopt", "/dev/null", "--pcrs", "sha256:7"], 1, b"one of --blob PUB PRIV or --nv INDEX"),
+    (["adopt", "/dev/null", "--nv", "0x1500016"], 1, b"adopt needs --pcrs"),
+])
+def test_bad_command_lines(args: list[str], code: int, message: bytes) -> None:
+    done = run_cli(*args)
+    assert done.returncode == code, done.stderr
+    assert message in done.stderr
+    assert b"Traceback" not in done.stderr
+
+
+def test_not_a_luks_device(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.img"
+    plain.write_bytes(bytes(4 << 20))
+    done = run_cli("unlock", str(plain), "--test")
+    assert done.returncode == 1
+    assert b"is not a LUKS device" in done.stderr
+
+
+def test_unlock_of_a_disk_without_enrolment(disk: Path) -> None:
+    done = run_cli("unlock", str(disk), "--test", "--tries", "0")
+    assert done.returncode == 1
+    assert b"has no tpm2-unlocker enrolment" in done.stderr
+
+
+def test_version_needs_no_tpm() -> None:
+    done = run_cli("--version")
+    assert done.returncode == 0 and done.stdout.startswith(b"tpm2-unlocker ")
