@@ -5,105 +5,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from vm.swtpm import Swtpm, free_port_pair  # noqa: F401  (re-exported for the tests)
 
 PASSPHRASE = b"correct horse battery"
 ZERO_DIGEST = "0" * 64
-
-
-def free_port_pair() -> int:
-    """A port P such that P and P+1 are both free on loopback."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port > 65000:
-            continue
-        with socket.socket() as s2:
-            try:
-                s2.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair")
-
-
-@dataclass
-class Swtpm:
-    """swtpm as a TCP server with its own state directory, stopped through its control channel."""
-
-    state_dir: Path
-    port: int = 0
-    proc: subprocess.Popen | None = None
-    env: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def tcti(self) -> str:
-        return f"swtpm:host=127.0.0.1,port={self.port}"
-
-    def start(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.port = self.port or free_port_pair()
-        self.proc = subprocess.Popen(
-            ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.state_dir}",
-             "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
-             "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
-             "--flags", "not-need-init,startup-clear"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("swtpm did not start")
-
-    def stop(self) -> None:
-        """Orderly: TPM2_Shutdown via the control channel, as a clean power-off."""
-        if self.proc is None:
-            return
-        subprocess.run(["swtpm_ioctl", "--tcp", f"127.0.0.1:{self.port + 1}", "-s"],
-                       capture_output=True, timeout=10)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-    def power_cut(self) -> None:
-        """Kill swtpm with no TPM2_Shutdown, as a sudden power loss."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        self.proc = None
-
-    def reboot(self) -> None:
-        """Orderly restart: PCRs back to their reset values."""
-        self.stop()
-        self.start()
-
-    def tools(self, *args: str, input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        """Run a tpm2-tools command against this swtpm."""
-        env = dict(os.environ, TPM2TOOLS_TCTI=self.tcti)
-        done = subprocess.run(list(args), input=input, capture_output=True, env=env)
-        if check and done.returncode != 0:
-            raise AssertionError(f"{' '.join(args)} failed: {done.stderr.decode()}")
-        return done
-
-    def extend(self, pcr: int, bank: str = "sha256", digest: str = ZERO_DIGEST) -> None:
-        self.tools("tpm2_pcrextend", f"{pcr}:{bank}={digest}")
-
-    def clear_lockout(self) -> None:
-        self.tools("tpm2_dictionarylockout", "--clear-lockout")
 
 
 def unlocker_command() -> list[str]:

@@ -104,14 +104,15 @@ class LuksDevice:
     def add_key(self, existing: KeyBytes, new_key: KeyBytes, slot: int) -> None:
         """Add `new_key` in keyslot `slot`, authorised by `existing` (a passphrase of another slot)."""
         read_fd, write_fd = os.pipe()
-        # The new key goes through a pipe the child reads as /dev/fd/N; a thread writes it so a
+        # The new key goes through a pipe the child reads as /proc/self/fd/N (no /dev/fd without
+        # udev); a thread writes it so a
         # large key can never dead-lock against the pipe buffer.
         writer = threading.Thread(target=_write_and_close, args=(write_fd, _raw(new_key)))
         writer.start()
         try:
             done = _cryptsetup(
                 ["luksAddKey", "--key-file=-", "--new-key-slot", str(slot), *FAST_PBKDF, self.path,
-                 f"/dev/fd/{read_fd}"],
+                 f"/proc/self/fd/{read_fd}"],
                 input=existing, pass_fds=(read_fd,),
             )
         finally:

@@ -36,7 +36,9 @@ def child_env() -> dict[str, str]:
         orig = os.environ.get("LD_LIBRARY_PATH_ORIG")
         if orig:
             env["LD_LIBRARY_PATH"] = orig
-    env.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+    # an initramfs may set a PATH without the sbin directories cryptsetup lives in
+    path = [p for p in env.get("PATH", "").split(":") if p]
+    env["PATH"] = ":".join(path + [p for p in ("/usr/sbin", "/usr/bin", "/sbin", "/bin") if p not in path])
     env["LC_ALL"] = "C"
     return env
 

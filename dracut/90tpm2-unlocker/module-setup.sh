@@ -1,0 +1,36 @@
+#!/bin/bash
+# dracut module for tpm2-unlocker: the binary, the TPM drivers, and the hook that runs it
+# (a systemd unit before cryptsetup-pre.target, or an initqueue job in a shell initrd).
+
+# Where the binary comes from on the build host (tests point this at a fresh build).
+TPM2_UNLOCKER_BINARY=${TPM2_UNLOCKER_BINARY:-/usr/bin/tpm2-unlocker}
+
+check() {
+    require_binaries cryptsetup "$TPM2_UNLOCKER_BINARY" || return 1
+    # only when asked for (--add tpm2-unlocker) or when the host has our token on a LUKS disk
+    return 255
+}
+
+depends() {
+    echo crypt dm
+    return 0
+}
+
+installkernel() {
+    hostonly='' instmods tpm_tis tpm_crb tpm_tis_core dm_crypt
+}
+
+install() {
+    inst_simple "$TPM2_UNLOCKER_BINARY" /usr/bin/tpm2-unlocker
+    # the one-file binary unpacks under /run; what it bundles links these system libraries
+    inst_libdir_file "libz.so.1*" "libm.so.6" "libresolv.so.2" "libdl.so.2" "libpthread.so.0" \
+        "librt.so.1" "libutil.so.1"
+    if dracut_module_included "systemd"; then
+        inst_simple "$moddir/tpm2-unlocker.service" "$systemdsystemunitdir/tpm2-unlocker.service"
+        mkdir -p "$initdir$systemdsystemunitdir/sysinit.target.wants"
+        ln_r "$systemdsystemunitdir/tpm2-unlocker.service" \
+            "$systemdsystemunitdir/sysinit.target.wants/tpm2-unlocker.service"
+    else
+        inst_hook initqueue/settled 10 "$moddir/tpm2-unlocker-initqueue.sh"
+    fi
+}

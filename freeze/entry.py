@@ -1,0 +1,5 @@
+"""Entry point of the frozen binary."""
+
+from unlocker.cli import entry
+
+entry()

@@ -1,0 +1,81 @@
+"""Initramfs images built by our hooks: dracut (systemd or shell initrd) with dracut/90tpm2-unlocker,
+and a busybox image built by our mkinitcpio install script through vm/minicpio (mkinitcpio's
+add_* functions and run_hook contract), for machines where mkinitcpio itself is not packaged."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .kernel import Kernel
+from .tools import run
+
+REPO = Path(__file__).resolve().parent.parent
+DRACUT_MODULE = REPO / "dracut" / "90tpm2-unlocker"
+MINICPIO = Path(__file__).resolve().parent / "minicpio"
+# One explicit module list for every dracut image (with --no-hostonly alone dracut takes every module
+# installed on the host); each variant adds only what its unlocker needs.
+DRACUT_BASE_MODULES = "base systemd systemd-initrd systemd-udevd systemd-ask-password systemd-journald " \
+                      "systemd-modules-load systemd-tmpfiles systemd-sysusers kernel-modules rootfs-block " \
+                      "udev-rules dm crypt fs-lib terminfo shutdown"
+DRACUT_SHELL_MODULES = "base bash kernel-modules rootfs-block udev-rules dm crypt fs-lib terminfo shutdown"
+DRACUT_DRIVERS = "virtio_blk virtio_pci dm_crypt tpm_tis tpm_crb ext4"
+
+
+@dataclass(frozen=True)
+class Initramfs:
+    path: Path
+    kind: str  # "dracut-systemd", "dracut-shell", "mkinitcpio-busybox"
+    build_seconds: float
+
+    @property
+    def size_mb(self) -> float:
+        return self.path.stat().st_size / 1e6
+
+
+def _dracut_base_dir(work: Path) -> Path:
+    """dracut's base dir with our module added beside its own (the host's /usr/lib/dracut untouched)."""
+    base = work / "dracut"
+    if base.exists():
+        shutil.rmtree(base)
+    (base / "modules.d").mkdir(parents=True)
+    for entry in Path("/usr/lib/dracut").iterdir():
+        if entry.name != "modules.d":
+            (base / entry.name).symlink_to(entry)
+    for module in Path("/usr/lib/dracut/modules.d").iterdir():
+        (base / "modules.d" / module.name).symlink_to(module)
+    shutil.copytree(DRACUT_MODULE, base / "modules.d" / DRACUT_MODULE.name)
+    return base
+
+
+def build_dracut(kernel: Kernel, binary: Path, out: Path, *, systemd: bool = True, with_ours: bool = True,
+                 extra_modules: str = "") -> Initramfs:
+    work = out.parent / (out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    base = _dracut_base_dir(work)
+    empty_confdir = work / "conf.d"
+    empty_confdir.mkdir(exist_ok=True)
+    modules = DRACUT_BASE_MODULES if systemd else DRACUT_SHELL_MODULES
+    if with_ours:
+        modules += " tpm2-unlocker"
+    if extra_modules:
+        modules += " " + extra_modules
+    started = time.monotonic()
+    run(["dracut", "--force", "--no-hostonly", "--no-hostonly-cmdline", "--conf", "/dev/null",
+         "--confdir", empty_confdir, "--kver", kernel.version, "--kmoddir", kernel.moddir, "-m", modules,
+         "--omit", "plymouth", "--add-drivers", DRACUT_DRIVERS, "--compress", "gzip", "--no-early-microcode", out],
+        env={"dracutbasedir": str(base), "TPM2_UNLOCKER_BINARY": str(binary)})
+    kind = "dracut-systemd" if systemd else "dracut-shell"
+    return Initramfs(out, kind, time.monotonic() - started)
+
+
+def build_mkinitcpio_busybox(kernel: Kernel, binary: Path, out: Path) -> Initramfs:
+    """Our install script's build() run by minicpio's add_* functions into a busybox image."""
+    started = time.monotonic()
+    run(["bash", MINICPIO / "build.sh", kernel.version, kernel.moddir, REPO / "mkinitcpio", out],
+        env={"TPM2_UNLOCKER_BINARY": str(binary), "TPM2_UNLOCKER_UNIT": str(DRACUT_MODULE / "tpm2-unlocker.service"),
+             "PATH": os.environ["PATH"] + ":/usr/sbin:/sbin"})
+    return Initramfs(out, "mkinitcpio-busybox", time.monotonic() - started)

@@ -1,0 +1,105 @@
+"""One QEMU boot under TCG with OVMF (measured boot) and a swtpm, driven on the serial console."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pexpect
+
+from .kernel import Kernel
+from .swtpm import GuestTpm
+
+# Two OVMF builds: swapping them is a firmware update (PCR 0 changes; 2, 4, 7, 9 stay).
+FIRMWARE = {
+    "4m": ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+    "2m": ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
+}
+UPTIME = re.compile(rb"uptime=([0-9.]+)")
+
+
+@dataclass
+class BootConfig:
+    kernel: Kernel
+    initrd: Path
+    disk: Path
+    cmdline: str
+    tpm_state: Path | None  # None: no TPM device attached
+    firmware: str = "4m"
+    memory_mb: int = 1024
+    extra_cmdline: str = ""
+
+
+@dataclass
+class Boot:
+    """A running guest: `console` is the pexpect child on its serial console."""
+
+    console: pexpect.spawn
+    log_path: Path
+    started: float = field(default_factory=time.monotonic)
+
+    def expect(self, pattern: str | bytes | list, timeout: float = 120) -> int:
+        return self.console.expect(pattern, timeout=timeout)
+
+    def type_line(self, text: bytes) -> None:
+        time.sleep(0.5)  # as a person would; also lets the prompt finish switching echo off
+        self.console.send(text + b"\r")
+
+    def wait_for_root(self, timeout: float = 240) -> float:
+        """Wait until the root's init ran; return its guest uptime."""
+        from .rootfs import ROOT_MARKER
+        self.console.expect(ROOT_MARKER + r" uptime=([0-9.]+)", timeout=timeout)
+        return float(self.console.match.group(1))
+
+    def wait_for_poweroff(self, timeout: float = 120) -> None:
+        self.console.expect(pexpect.EOF, timeout=timeout)
+
+    def output(self) -> str:
+        return self.log_path.read_bytes().decode(errors="replace")
+
+
+def qemu_command(cfg: BootConfig, vars_copy: Path, tpm: GuestTpm | None) -> list[str]:
+    code, _ = FIRMWARE[cfg.firmware]
+    argv = ["qemu-system-x86_64", "-accel", "tcg", "-machine", "q35", "-m", str(cfg.memory_mb), "-smp", "1",
+            "-nographic", "-no-reboot", "-serial", "mon:stdio", "-nodefaults",
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
+            "-kernel", str(cfg.kernel.vmlinuz), "-initrd", str(cfg.initrd),
+            "-append", f"console=ttyS0 panic=-1 {cfg.cmdline} {cfg.extra_cmdline}".strip(),
+            "-drive", f"file={cfg.disk},if=virtio,format=raw"]
+    if tpm is not None:
+        argv += tpm.qemu_args()
+    return argv
+
+
+@contextmanager
+def boot(cfg: BootConfig, work: Path, name: str) -> Iterator[Boot]:
+    """Start the guest; yield it while its console is driven; always stop QEMU and swtpm."""
+    work.mkdir(parents=True, exist_ok=True)
+    _, vars_template = FIRMWARE[cfg.firmware]
+    vars_copy = work / f"vars-{cfg.firmware}.fd"
+    if not vars_copy.exists():
+        shutil.copy(vars_template, vars_copy)
+    log_path = work / f"{name}.console.log"
+    log = open(log_path, "wb")
+    tpm = GuestTpm(cfg.tpm_state, work / "swtpm.sock") if cfg.tpm_state is not None else None
+    try:
+        if tpm is not None:
+            tpm.__enter__()
+        argv = qemu_command(cfg, vars_copy, tpm)
+        child = pexpect.spawn(argv[0], argv[1:], timeout=240, logfile=log, echo=False)
+        try:
+            yield Boot(child, log_path)
+        finally:
+            if child.isalive():
+                child.terminate(force=True)
+            child.close()
+    finally:
+        if tpm is not None:
+            tpm.__exit__(None, None, None)
+        log.close()
