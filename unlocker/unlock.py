@@ -143,5 +143,6 @@ def unlock_at_boot(opts: BootOptions) -> int:
             say(exc.message)
             failures.append(exc)
     if failures:
-        raise failures[0]
+        # each failure was said above; the exit code is the first one's
+        raise type(failures[0])(f"{len(failures)} of {len(targets)} device(s) not opened")
     return opened

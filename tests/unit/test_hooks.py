@@ -1,0 +1,71 @@
+"""The mkinitcpio install script against mkinitcpio's documented API (add_* stubbed, calls recorded),
+and the dracut module's shape. Both are booted for real in tests/vm."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+INSTALL = REPO / "mkinitcpio" / "install" / "tpm2-unlocker"
+STUBS = """
+for f in add_module add_checked_modules add_binary add_file add_dir add_symlink add_runscript add_udev_rule \
+         add_systemd_unit add_full_dir; do
+    eval "$f() { printf '%s' $f >>\\"\\$LOG\\"; printf ' %s' \\"\\$@\\" >>\\"\\$LOG\\"; echo >>\\"\\$LOG\\"; }"
+done
+map() { local f=$1; shift; for a in "$@"; do "$f" "$a"; done; }
+"""
+
+
+def run_install(tmp_path: Path, func: str) -> tuple[str, list[str]]:
+    log = tmp_path / "calls.log"
+    script = f"{STUBS}\n. '{INSTALL}'\n{func}\n"
+    done = subprocess.run(["bash", "-euc", script], capture_output=True, text=True, check=True,
+                          env={"LOG": str(log), "PATH": "/usr/bin:/bin", "TPM2_UNLOCKER_BINARY": "/opt/tpm2-unlocker"})
+    calls = [line.strip() for line in log.read_text().splitlines()] if log.exists() else []
+    return done.stdout, calls
+
+
+def test_build_adds_binary_cryptsetup_modules_rules_runscript_and_unit(tmp_path: Path) -> None:
+    _, calls = run_install(tmp_path, "build")
+    assert "add_binary /opt/tpm2-unlocker /usr/bin/tpm2-unlocker" in calls
+    assert "add_binary cryptsetup" in calls and "add_binary dmsetup" in calls
+    assert "add_module dm-crypt" in calls and "add_module tpm_crb?" in calls and "add_module tpm_tis?" in calls
+    assert "add_checked_modules /crypto/" in calls
+    for rule in ("10-dm.rules", "13-dm-disk.rules", "95-dm-notify.rules"):
+        assert f"add_udev_rule {rule}" in calls
+    # busybox image: the runtime hook; systemd image: the unit, enabled, before cryptsetup-pre.target
+    assert "add_runscript" in calls
+    assert "add_file /usr/lib/systemd/system/tpm2-unlocker.service /usr/lib/systemd/system/tpm2-unlocker.service" in calls
+    assert ("add_symlink /usr/lib/systemd/system/sysinit.target.wants/tpm2-unlocker.service "
+            "../tpm2-unlocker.service") in calls
+    assert "add_binary /usr/lib/x86_64-linux-gnu/libresolv.so.2" in calls
+
+
+def test_help_documents_every_kernel_parameter(tmp_path: Path) -> None:
+    text, _ = run_install(tmp_path, "help")
+    for parameter in ("cryptdevice=", "rd.luks.uuid=", "rd.luks.name=", "rd.luks=0", "tpm2_unlocker.tries=",
+                      "tpm2_unlocker.timeout="):
+        assert parameter in text
+
+
+def test_runtime_hook_defines_run_hook_that_calls_the_binary() -> None:
+    hook = (REPO / "mkinitcpio" / "hooks" / "tpm2-unlocker").read_text()
+    done = subprocess.run(["bash", "-n", str(REPO / "mkinitcpio" / "hooks" / "tpm2-unlocker")], check=False)
+    assert done.returncode == 0
+    assert "run_hook()" in hook and "/usr/bin/tpm2-unlocker unlock --tries" in hook
+
+
+def test_systemd_unit_runs_before_cryptsetup_pre_and_only_tries_the_tpm() -> None:
+    unit = (REPO / "dracut" / "90tpm2-unlocker" / "tpm2-unlocker.service").read_text()
+    assert "Before=cryptsetup-pre.target cryptsetup.target" in unit
+    assert "ExecStart=/usr/bin/tpm2-unlocker unlock --tries 0" in unit
+    assert "DefaultDependencies=no" in unit
+
+
+def test_dracut_module_setup_is_valid_bash_with_the_dracut_functions() -> None:
+    setup = REPO / "dracut" / "90tpm2-unlocker" / "module-setup.sh"
+    assert subprocess.run(["bash", "-n", str(setup)], check=False).returncode == 0
+    text = setup.read_text()
+    for func in ("check()", "depends()", "installkernel()", "install()"):
+        assert func in text
