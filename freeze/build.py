@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Where the one-file binary unpacks: under /run (no /tmp is assumed in an initramfs), in a folder of
+# its own so a hook can mount an exec tmpfs there where /run is noexec (dracut's shell initrd).
+RUNTIME_TMPDIR = "/run/tpm2-unlocker"
 TCTIS = ("device", "swtpm", "mssim", "pcap")
 # Not on the boot path: keep them out of the bundle (start-up time grows with bundle size).
 EXCLUDES = ("tkinter", "unittest", "pydoc", "doctest", "lib2to3", "xmlrpc", "sqlite3",
@@ -37,7 +40,7 @@ def tcti_libraries() -> list[str]:
 def build(out: Path) -> Path:
     work = ROOT / "build" / "pyinstaller"
     args = [sys.executable, "-m", "PyInstaller", "--onefile", "--noconfirm", "--clean", "--log-level", "WARN",
-            "--name", "tpm2-unlocker", "--runtime-tmpdir", "/run", "--strip",
+            "--name", "tpm2-unlocker", "--runtime-tmpdir", RUNTIME_TMPDIR, "--strip",
             "--distpath", str(out), "--workpath", str(work), "--specpath", str(work),
             "--paths", str(ROOT)]
     for lib in tcti_libraries():

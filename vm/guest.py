@@ -39,7 +39,7 @@ class ImageKind:
 
 
 PROMPTS = {"mkinitcpio": r"Enter passphrase for /dev/vda: ", "dracut": r"Please enter passphrase for disk",
-           "dracut-shell": r"Enter passphrase for"}
+           "dracut-shell": r"Enter passphrase for /"}
 
 
 @dataclass

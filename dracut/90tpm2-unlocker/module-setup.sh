@@ -23,7 +23,7 @@ installkernel() {
 install() {
     inst_simple "$TPM2_UNLOCKER_BINARY" /usr/bin/tpm2-unlocker
     # systemd initrds carry systemd-cryptsetup only; we open devices with cryptsetup itself
-    inst_multiple cryptsetup
+    inst_multiple cryptsetup mountpoint grep mount mkdir
     # the one-file binary unpacks under /run; what it bundles links these system libraries
     inst_libdir_file "libz.so.1*" "libm.so.6" "libresolv.so.2" "libdl.so.2" "libpthread.so.0" \
         "librt.so.1" "libutil.so.1"

@@ -10,7 +10,7 @@ from vm.guest import PASSPHRASE, Guest
 from vm.images import Artifacts, build_artifacts
 from vm.rootfs import build_root_image
 
-KINDS = ("dracut", "mkinitcpio")
+KINDS = ("dracut", "mkinitcpio", "dracut-shell")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -34,10 +34,21 @@ def _enrolled(artifacts: Artifacts, kind: str, store: str, work: Path) -> Guest:
     return guest
 
 
+class _Golden(dict):
+    """Per image kind, a guest enrolled (token store) inside its own first boot, made on first use."""
+
+    def __init__(self, artifacts: Artifacts, factory: pytest.TempPathFactory) -> None:
+        super().__init__()
+        self.artifacts, self.factory = artifacts, factory
+
+    def __missing__(self, kind: str) -> Guest:
+        self[kind] = _enrolled(self.artifacts, kind, "token", self.factory.mktemp(f"golden-{kind}"))
+        return self[kind]
+
+
 @pytest.fixture(scope="session")
 def enrolled(artifacts: Artifacts, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Guest]:
-    """Per image kind, a guest enrolled (token store) inside its own first boot: the golden copy."""
-    return {kind: _enrolled(artifacts, kind, "token", tmp_path_factory.mktemp(f"golden-{kind}")) for kind in KINDS}
+    return _Golden(artifacts, tmp_path_factory)
 
 
 @pytest.fixture

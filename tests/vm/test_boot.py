@@ -15,6 +15,8 @@ from vm.images import Artifacts
 from vm.rootfs import build_root_image
 
 KINDS = ["dracut", "mkinitcpio"]
+# dracut's shell initrd (no systemd): the initqueue hook, then dracut's own passphrase prompt
+ALL_KINDS = [*KINDS, "dracut-shell"]
 
 
 def tokens(disk: Path) -> dict:
@@ -28,7 +30,7 @@ def opens(disk: Path, key: bytes) -> bool:
                           capture_output=True).returncode == 0
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_unlocks_from_the_tpm_with_no_prompt(kind: str, guest_of) -> None:  # type: ignore[no-untyped-def]
     guest: Guest = guest_of(kind)
     result = guest.run_boot("auto")
@@ -37,7 +39,7 @@ def test_unlocks_from_the_tpm_with_no_prompt(kind: str, guest_of) -> None:  # ty
     assert "unlocked with the TPM" in result.log
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_firmware_change_says_pcr0_changed_and_typed_passphrase_boots(kind: str, guest_of) -> None:  # type: ignore[no-untyped-def]
     guest: Guest = guest_of(kind)
     result = guest.run_boot("pcr-change", firmware="2m", answers=[PASSPHRASE])
