@@ -30,7 +30,7 @@ def show(title: str, result: BootResult, seconds: float) -> None:
     for line in ANSI.sub("", result.log).splitlines():
         line = line.strip()
         if SHOW.search(line) and "Command line" not in line and "Kernel command line" not in line:
-            print("  | " + line[:160])
+            print("  | " + line[:160], flush=True)
 
 
 def main() -> None:

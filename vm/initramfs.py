@@ -36,7 +36,7 @@ class Initramfs:
         return self.path.stat().st_size / 1e6
 
 
-def _dracut_base_dir(work: Path) -> Path:
+def _dracut_base_dir(work: Path, extra_module_dirs: tuple[Path, ...] = ()) -> Path:
     """dracut's base dir with our module added beside its own (the host's /usr/lib/dracut untouched)."""
     base = work / "dracut"
     if base.exists():
@@ -47,15 +47,16 @@ def _dracut_base_dir(work: Path) -> Path:
             (base / entry.name).symlink_to(entry)
     for module in Path("/usr/lib/dracut/modules.d").iterdir():
         (base / "modules.d" / module.name).symlink_to(module)
-    shutil.copytree(DRACUT_MODULE, base / "modules.d" / DRACUT_MODULE.name)
+    for module in (DRACUT_MODULE, *extra_module_dirs):
+        shutil.copytree(module, base / "modules.d" / module.name)
     return base
 
 
 def build_dracut(kernel: Kernel, binary: Path, out: Path, *, systemd: bool = True, with_ours: bool = True,
-                 extra_modules: str = "") -> Initramfs:
+                 extra_modules: str = "", extra_module_dirs: tuple[Path, ...] = ()) -> Initramfs:
     work = out.parent / (out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
-    base = _dracut_base_dir(work)
+    base = _dracut_base_dir(work, extra_module_dirs)
     empty_confdir = work / "conf.d"
     empty_confdir.mkdir(exist_ok=True)
     modules = DRACUT_BASE_MODULES if systemd else DRACUT_SHELL_MODULES

@@ -92,7 +92,8 @@ def boot(cfg: BootConfig, work: Path, name: str) -> Iterator[Boot]:
         if tpm is not None:
             tpm.__enter__()
         argv = qemu_command(cfg, vars_copy, tpm)
-        child = pexpect.spawn(argv[0], argv[1:], timeout=240, logfile=log, echo=False)
+        # logfile_read: what the guest printed (logfile would also record what we type)
+        child = pexpect.spawn(argv[0], argv[1:], timeout=240, logfile_read=log, echo=False)
         try:
             yield Boot(child, log_path)
         finally:

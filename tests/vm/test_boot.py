@@ -46,6 +46,7 @@ def test_firmware_change_says_pcr0_changed_and_typed_passphrase_boots(kind: str,
     assert result.prompted
     assert "TPM unlock failed: PCR 0 changed since enrolment" in result.log
     assert result.root_uptime is not None
+    assert PASSPHRASE.decode() not in result.log, "the typed passphrase must not be echoed on the console"
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -1,0 +1,256 @@
+"""Side-by-side benchmark: `python -m bench.run [--boots N] [--variants a,b,...] [--host-only]`.
+
+In one run, on the same kernel, root image contents and swtpm state, boot N times each:
+  passphrase       dracut systemd image, passphrase typed (the baseline)
+  ours-dracut      dracut systemd image + our module
+  ours-mkinitcpio  busybox image built by our mkinitcpio install script (vm/minicpio)
+  systemd-tpm2     dracut systemd image + tpm2-tss; a systemd-tpm2 token (systemd-cryptenroll)
+  clevis           dracut systemd image + clevis + clevis-pin-tpm2; `clevis luks bind ... tpm2`
+
+Every key is sealed to the same PCR selection, sha256:16 (the debug PCR: zero after every TPM reset,
+on the host and in the guest alike), so every variant can be enrolled from the host against the one
+swtpm state. Every dracut image is built from one explicit module list plus what its unlocker needs.
+
+The unlock window is guest uptime from the disk's appearance (a unit after dev-vda.device) to
+cryptsetup.target (a unit after it), the same stopwatch in every systemd image. The busybox image has
+no units: its window runs from the kernel's `[vda]` probe line to the end of the runtime hooks, and
+the kernel-probe window is printed for every variant too. Between boots the TPM's dictionary-attack
+counter is cleared from the host (the forced power-offs would lock the systemd token out).
+Also on the host: frozen binary cold start, unseal + open-test against tpm2-tools and Clevis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vm.guest import PASSPHRASE, Guest, ImageKind
+from vm.images import build_binary
+from vm.initramfs import DRACUT_DRIVERS, Initramfs, build_dracut, build_mkinitcpio_busybox
+from vm.kernel import Kernel, fetch_kernel
+from vm.rootfs import RootImage, build_root_image
+from vm.swtpm import Swtpm
+from vm.tools import run
+
+REPO = Path(__file__).resolve().parent.parent
+STOPWATCH = REPO / "bench" / "dracut" / "99tpm2u-stopwatch"
+PCRS = "sha256:16"
+VARIANTS = ("passphrase", "ours-dracut", "ours-mkinitcpio", "systemd-tpm2", "clevis")
+CLEVIS_PACKAGES = ("clevis", "clevis-tpm2", "clevis-luks", "clevis-dracut")
+VDA = re.compile(rb"\[\s*([0-9.]+)\] virtio_blk virtio\d+: \[vda\]")
+MARK = re.compile(rb"TPM2U-STOPWATCH (disk|crypt|hooks-done) ([0-9.]+)")
+ROOT = re.compile(rb"TPM2U-ROOT-REACHED uptime=([0-9.]+)")
+
+
+@dataclass
+class Sample:
+    window: float | None  # unit stopwatch (systemd) or kernel probe -> hooks done (busybox)
+    kernel_window: float | None  # kernel [vda] probe -> end mark, for every variant
+    root: float | None
+
+
+@dataclass
+class Result:
+    variant: str
+    image_mb: float
+    samples: list[Sample] = field(default_factory=list)
+
+    def stat(self, attr: str) -> tuple[float, float, float] | None:
+        values = [getattr(s, attr) for s in self.samples if getattr(s, attr) is not None]
+        if not values:
+            return None
+        return statistics.median(values), min(values), max(values)
+
+
+def parse(log: bytes) -> Sample:
+    marks = {m.group(1).decode(): float(m.group(2)) for m in MARK.finditer(log)}
+    vda = VDA.search(log)
+    root = ROOT.search(log)
+    end = marks.get("crypt", marks.get("hooks-done"))
+    start = marks.get("disk", float(vda.group(1)) if vda else None)
+    window = end - start if end is not None and start is not None else None
+    kernel_window = end - float(vda.group(1)) if end is not None and vda else None
+    return Sample(window, kernel_window, float(root.group(1)) if root else None)
+
+
+def ensure_clevis() -> None:
+    missing = [p for p in CLEVIS_PACKAGES if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode]
+    if missing:
+        run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+            env={"DEBIAN_FRONTEND": "noninteractive"})
+
+
+def build_images(kernel: Kernel, binary: Path, work: Path, variants: list[str]) -> dict[str, Initramfs]:
+    extra = {"passphrase": "", "ours-dracut": "", "systemd-tpm2": "tpm2-tss", "clevis": "clevis clevis-pin-tpm2"}
+    images: dict[str, Initramfs] = {}
+    for v in variants:
+        out = work / f"{v}.img"
+        if v == "ours-mkinitcpio":
+            images[v] = build_mkinitcpio_busybox(kernel, binary, out)
+        else:
+            images[v] = build_dracut(kernel, binary, out, with_ours=(v == "ours-dracut"),
+                                     extra_modules=f"tpm2u-stopwatch {extra[v]}".strip(),
+                                     extra_module_dirs=(STOPWATCH,))
+        print(f"  {v}: {images[v].size_mb:.1f} MB, built in {images[v].build_seconds:.0f} s", flush=True)
+    return images
+
+
+def enroll(variant: str, disk: Path, tpm: Swtpm, binary: Path) -> None:
+    if variant in ("ours-dracut", "ours-mkinitcpio"):
+        run([binary, "enroll", disk, "--pcrs", PCRS, "--unlock-key-file", "-", "--tcti", tpm.tcti], input=PASSPHRASE)
+    elif variant == "systemd-tpm2":
+        # systemd-cryptenroll (v252) reads the existing passphrase from $PASSWORD
+        run(["systemd-cryptenroll", f"--tpm2-device=swtpm:host=127.0.0.1,port={tpm.port}",
+             f"--tpm2-pcrs={PCRS.split(':')[1]}", disk], env={"PASSWORD": PASSPHRASE.decode()})
+    elif variant == "clevis":
+        run(["clevis", "luks", "bind", "-y", "-k", "-", "-d", disk, "tpm2",
+             '{"pcr_bank":"sha256","pcr_ids":"16"}'], input=PASSPHRASE, env={"TPM2TOOLS_TCTI": tpm.tcti})
+
+
+def cmdline_extra(variant: str) -> str:
+    return "rd.luks.options=tpm2-device=auto" if variant == "systemd-tpm2" else ""
+
+
+def boot_variant(kernel: Kernel, image: Initramfs, variant: str, root: RootImage, state: Path, work: Path,
+                 name: str) -> Sample:
+    kind = ImageKind("mkinitcpio" if variant == "ours-mkinitcpio" else "dracut", image.path,
+                     r"Enter passphrase for /dev/vda: |Please enter passphrase for disk")
+    guest = Guest(kernel, kind, root, state, work)
+    answers = [PASSPHRASE] if variant == "passphrase" else []
+    result = guest.run_boot(name, answers=answers, extra=cmdline_extra(variant))
+    if variant != "passphrase" and result.prompted:
+        print(f"    {name}: asked for a passphrase (TPM path failed); see {work / (name + '.console.log')}")
+    return parse((work / f"{name}.console.log").read_bytes())
+
+
+def clear_lockout(state: Path) -> None:
+    with Swtpm(state) as tpm:
+        tpm.clear_lockout()
+
+
+def fmt(stat: tuple[float, float, float] | None) -> str:
+    return "n/a" if stat is None else f"{stat[0]:6.2f} ({stat[1]:.2f}-{stat[2]:.2f})"
+
+
+def report(results: dict[str, Result]) -> None:
+    print("\nvariant           image MB   window median (min-max) s   kernel-probe window s       root init s")
+    for r in results.values():
+        print(f"{r.variant:16s} {r.image_mb:8.1f}   {fmt(r.stat('window')):26s}  {fmt(r.stat('kernel_window')):26s}"
+              f"  {fmt(r.stat('root'))}")
+    ours = results.get("ours-dracut")
+    for other in ("systemd-tpm2", "clevis", "ours-mkinitcpio"):
+        if ours and other in results and ours.stat("window") and results[other].stat("window"):
+            a, b = ours.stat("window")[0], results[other].stat("window")[0]  # type: ignore[index]
+            print(f"ratio ours-dracut / {other}: {a / b:.2f} (unlock window medians)")
+    if "ours-mkinitcpio" in results and ours and ours.stat("kernel_window"):
+        a = results["ours-mkinitcpio"].stat("kernel_window")
+        b = ours.stat("kernel_window")
+        if a and b:
+            print(f"ratio ours-mkinitcpio / ours-dracut: {a[0] / b[0]:.2f} (kernel-probe window medians)")
+
+
+def time_command(argv: list[str], input: bytes | None = None, n: int = 10, env: dict[str, str] | None = None) -> float:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        subprocess.run(argv, input=input, capture_output=True, check=True, env={**os.environ, **(env or {})})
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def host_bench(binary: Path, work: Path) -> None:
+    """Cold start and unseal + open-test on the host, against tpm2-tools and Clevis."""
+    print("\nhost (medians of 10):", flush=True)
+    print(f"  frozen binary --version: {time_command([str(binary), '--version']) * 1000:.0f} ms; "
+          f"python -m unlocker.cli --version: "
+          f"{time_command([sys.executable, '-m', 'unlocker.cli', '--version']) * 1000:.0f} ms")
+    with Swtpm(work / "host-tpm") as tpm:
+        disk = work / "host.img"
+        run(["truncate", "-s", "20M", disk])
+        run(["cryptsetup", "luksFormat", "--type", "luks2", "--batch-mode", "--pbkdf", "pbkdf2",
+             "--pbkdf-force-iterations", "1000", "--key-file=-", disk], input=PASSPHRASE)
+        blob = work / "blob"
+        run([binary, "enroll", disk, "--pcrs", PCRS, "--store", f"file={blob}", "--unlock-key-file", "-",
+             "--tcti", tpm.tcti], input=PASSPHRASE)
+        ours = time_command([str(binary), "unlock", str(disk), "--test", "--tries", "0", "--tcti", tpm.tcti])
+        ours_py = time_command([sys.executable, "-m", "unlocker.cli", "unlock", str(disk), "--test", "--tries", "0",
+                                "--tcti", tpm.tcti])
+        chain = (f"tpm2_createprimary -Q -C o -G ecc -a '{SRK_ATTRS}' -c {work}/p.ctx && "
+                 f"tpm2_load -Q -C {work}/p.ctx -u {blob}/key.pub -r {blob}/key.priv -c {work}/k.ctx && "
+                 f"tpm2_flushcontext -t && tpm2_unseal -c {work}/k.ctx -p pcr:{PCRS} | "
+                 f"cryptsetup open --test-passphrase --key-slot 1 --key-file=- {disk}; tpm2_flushcontext -t")
+        tools = time_command(["bash", "-c", chain], env={"TPM2TOOLS_TCTI": tpm.tcti})
+        print(f"  unseal + open-test: ours frozen {ours * 1000:.0f} ms, ours under python {ours_py * 1000:.0f} ms, "
+              f"tpm2-tools chain {tools * 1000:.0f} ms", flush=True)
+        if shutil.which("clevis"):
+            cdisk = work / "clevis.img"
+            shutil.copy(disk, cdisk)
+            run(["clevis", "luks", "bind", "-y", "-k", "-", "-d", cdisk, "tpm2", '{"pcr_bank":"sha256","pcr_ids":"16"}'],
+                input=PASSPHRASE, env={"TPM2TOOLS_TCTI": tpm.tcti})
+            clevis = time_command(["bash", "-c", f"clevis luks pass -d {cdisk} -s 2 | cryptsetup open --test-passphrase "
+                                   f"--key-slot 2 --key-file=- {cdisk}"], env={"TPM2TOOLS_TCTI": tpm.tcti})
+            print(f"  clevis luks pass + open-test: {clevis * 1000:.0f} ms; ratio ours/clevis {ours / clevis:.2f}")
+
+
+SRK_ATTRS = "restricted|decrypt|fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--boots", type=int, default=7)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--work", type=Path)
+    parser.add_argument("--host-only", action="store_true")
+    opts = parser.parse_args()
+    variants = [v for v in opts.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variants: {', '.join(sorted(unknown))} (choose from {', '.join(VARIANTS)})")
+    work = opts.work or Path(tempfile.mkdtemp(prefix="tpm2-unlocker-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if "clevis" in variants:
+        ensure_clevis()
+    binary = build_binary(work / "dist")
+    print(f"frozen binary: {binary.stat().st_size / 1e6:.1f} MB", flush=True)
+    host_bench(binary, work)
+    if opts.host_only:
+        return
+    kernel = fetch_kernel()
+    print(f"building images ({DRACUT_DRIVERS}) ...", flush=True)
+    images = build_images(kernel, binary, work, variants)
+    state = work / "tpm"
+    golden = build_root_image(work / "golden", binary, PASSPHRASE)
+    results: dict[str, Result] = {}
+    for v in variants:
+        vwork = work / v
+        vwork.mkdir(exist_ok=True)
+        disk = vwork / "root.img"
+        shutil.copy(golden.path, disk)
+        root = RootImage(disk, golden.uuid, PASSPHRASE)
+        if v != "passphrase":
+            with Swtpm(state) as tpm:
+                enroll(v, disk, tpm, binary)
+        results[v] = Result(v, images[v].size_mb)
+    for i in range(opts.boots):  # interleaved, so drift in machine load spreads over every variant
+        for v in variants:
+            clear_lockout(state)
+            root = RootImage(work / v / "root.img", golden.uuid, PASSPHRASE)
+            sample = boot_variant(kernel, images[v], v, root, state, work / v, f"boot{i}")
+            results[v].samples.append(sample)
+            print(f"  boot {i + 1}/{opts.boots} {v}: window {sample.window}, kernel-probe window "
+                  f"{sample.kernel_window}, root {sample.root}", flush=True)
+    report(results)
+    print(f"\nconsole logs in {work}")
+
+
+if __name__ == "__main__":
+    main()
