@@ -22,9 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNTIME_TMPDIR = "/run/tpm2-unlocker"
 TCTIS = ("device", "swtpm", "mssim", "pcap")
 # Not on the boot path: keep them out of the bundle (start-up time grows with bundle size).
-EXCLUDES = ("tkinter", "unittest", "pydoc", "doctest", "lib2to3", "xmlrpc", "sqlite3",
+EXCLUDES = ("cryptography", "tkinter", "unittest", "pydoc", "doctest", "lib2to3", "xmlrpc", "sqlite3",
             "multiprocessing", "asyncio", "curses", "distutils", "setuptools", "pip", "pytest", "pexpect",
-            "yaml", "pkg_resources")
+            "yaml", "pkg_resources", "ssl", "_ssl", "decimal", "_decimal", "unicodedata", "_multibytecodec",
+            "_codecs_jp", "_codecs_kr", "_codecs_tw", "_codecs_cn", "_codecs_hk", "_codecs_iso2022", "bz2", "lzma")
 
 
 def tcti_libraries() -> list[str]:
@@ -47,6 +48,7 @@ def build(out: Path) -> Path:
         args += ["--add-binary", f"{lib}:."]
     for module in EXCLUDES:
         args += ["--exclude-module", module]
+    args += ["--runtime-hook", str(ROOT / "freeze" / "rthooks" / "no_cryptography.py")]
     args.append(str(ROOT / "freeze" / "entry.py"))
     started = time.monotonic()
     subprocess.run(args, check=True, cwd=ROOT)

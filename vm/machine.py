@@ -93,7 +93,8 @@ def boot(cfg: BootConfig, work: Path, name: str) -> Iterator[Boot]:
             tpm.__enter__()
         argv = qemu_command(cfg, vars_copy, tpm)
         # logfile_read: what the guest printed (logfile would also record what we type)
-        child = pexpect.spawn(argv[0], argv[1:], timeout=240, logfile_read=log, echo=False)
+        child = pexpect.spawn(argv[0], argv[1:], timeout=240, echo=False)
+        child.logfile_read = log
         try:
             yield Boot(child, log_path)
         finally:
