@@ -10,9 +10,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from vm.guest import PASSPHRASE  # noqa: E402,F401  (one test passphrase for host and guest)
 from vm.swtpm import Swtpm, free_port_pair  # noqa: F401  (re-exported for the tests)
 
-PASSPHRASE = b"correct horse battery"
 ZERO_DIGEST = "0" * 64
 
 
@@ -89,3 +89,38 @@ def tpm2_tools_unseal(tpm: Swtpm, blob: Path, pcrs: str, work: Path) -> bytes:
     key = tpm.tools("tpm2_unseal", f"--object-context={work / 'k.ctx'}", f"--auth=pcr:{pcrs}").stdout
     tpm.tools("tpm2_flushcontext", "-t")
     return key
+
+
+SEED_SECRET = b"my secret\n"  # what the ArchWiki recipe's `echo "my secret" | ...` seals
+
+
+def add_keyslot(disk: Path, secret: bytes, existing: bytes = PASSPHRASE) -> None:
+    """Add `secret` as a keyslot of `disk` (what a user of the ArchWiki recipe did), via a pipe."""
+    r, w = os.pipe()
+    os.write(w, secret)
+    os.close(w)
+    try:
+        subprocess.run(["cryptsetup", "luksAddKey", "--key-file=-", "--pbkdf", "pbkdf2",
+                        "--pbkdf-force-iterations", "1000", str(disk), f"/proc/self/fd/{r}"],
+                       input=existing, check=True, pass_fds=(r,))
+    finally:
+        os.close(r)
+
+
+def seal_the_archwiki_way(tpm: Swtpm, work: Path, pcrs: str, secret: bytes = SEED_SECRET) -> tuple[Path, Path]:
+    """The seed's exact tpm2-tools commands: createpolicy, createprimary, create. Returns (pub, priv)."""
+    pol, primary = work / "pcr.pol", work / "primary.ctx"
+    pub, priv = work / "secret.pub", work / "secret.priv"
+    tpm.tools("tpm2_createpolicy", "--policy-pcr", f"--pcr-list={pcrs}", f"--policy={pol}")
+    tpm.tools("tpm2_createprimary", "--key-algorithm=ecc", f"--key-context={primary}")
+    tpm.tools("tpm2_flushcontext", "-t")
+    tpm.tools("tpm2_create", f"--parent-context={primary}", "--sealing-input=-", f"--public={pub}",
+              f"--private={priv}", f"--policy={pol}", input=secret)
+    tpm.tools("tpm2_flushcontext", "-t")
+    return pub, priv
+
+
+def replace_token(disk: Path, token_id: str, token: dict) -> None:
+    """Overwrite a token in the header, as an attacker or a bit flip would."""
+    subprocess.run(["cryptsetup", "token", "import", "--token-replace", "--token-id", token_id, "--json-file", "-",
+                    str(disk)], input=json.dumps(token).encode(), check=True)

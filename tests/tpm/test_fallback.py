@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from helpers import PASSPHRASE, Swtpm, free_port_pair, luks_json, opens, our_tokens, run_cli, unlocker_command
+from helpers import PASSPHRASE, Swtpm, free_port_pair, luks_json, opens, our_tokens, replace_token, run_cli, unlocker_command
 
 pytestmark = pytest.mark.tpm
 
@@ -96,9 +96,7 @@ def test_corrupt_token_json_says_so_and_falls_back(disk: Path, key_file: Path, t
     enroll(disk, key_file, tpm)
     tid, token = next(iter(our_tokens(disk).items()))
     token["policy_hash"] = "zz"  # not hex
-    import subprocess
-    subprocess.run(["cryptsetup", "token", "import", "--token-replace", "--token-id", tid, "--json-file", "-",
-                    str(disk)], input=json.dumps(token).encode(), check=True)
+    replace_token(disk, tid, token)
     child = spawn_unlock(disk, tpm.tcti)
     child.expect("token field 'policy_hash' is not lower-case hex")
     child.expect("Enter passphrase for ")
@@ -120,9 +118,7 @@ def test_hostile_tokens_are_rejected_with_exit_5(damage: str, disk: Path, key_fi
         token["exec"] = "/bin/sh"
     else:
         token["keyslots"] = ["0", "1"]
-    import subprocess
-    subprocess.run(["cryptsetup", "token", "import", "--token-replace", "--token-id", tid, "--json-file", "-",
-                    str(disk)], input=json.dumps(token).encode(), check=True)
+    replace_token(disk, tid, token)
     done = run_cli("unlock", str(disk), "--test", tpm=tpm)
     assert done.returncode == 5, done.stderr
     assert b"token" in done.stderr and b"Traceback" not in done.stderr

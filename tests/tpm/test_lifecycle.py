@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import PASSPHRASE, Swtpm, luks_json, opens, our_tokens, run_cli, tpm2_tools_unseal
+from helpers import (
+    PASSPHRASE,
+    SEED_SECRET,
+    Swtpm,
+    add_keyslot,
+    luks_json,
+    opens,
+    our_tokens,
+    run_cli,
+    seal_the_archwiki_way,
+    tpm2_tools_unseal,
+)
 
 pytestmark = pytest.mark.tpm
 
@@ -143,33 +153,10 @@ def test_status_without_tpm_says_so(disk: Path) -> None:
 
 # --- adopt: the seed's ArchWiki tpm2-tools recipes ---------------------------------------------------
 
-SEED_SECRET = b"my secret\n"  # what `echo "my secret" | ...` seals
-
-
-def add_seed_secret_keyslot(disk: Path) -> None:
-    r, w = os.pipe()
-    os.write(w, SEED_SECRET)
-    os.close(w)
-    subprocess.run(["cryptsetup", "luksAddKey", "--key-file=-", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations",
-                    "1000", str(disk), f"/dev/fd/{r}"], input=PASSPHRASE, check=True, pass_fds=(r,))
-
-
-def seed_policy(tpm: Swtpm, work: Path) -> Path:
-    pol = work / "pcr.pol"
-    tpm.tools("tpm2_createpolicy", "--policy-pcr", "--pcr-list=sha256:0,2,3,7", f"--policy={pol}")
-    return pol
-
-
 def test_adopt_blob_made_by_the_archwiki_commands(disk: Path, tpm: Swtpm, tmp_path: Path) -> None:
-    add_seed_secret_keyslot(disk)
-    pol = seed_policy(tpm, tmp_path)
-    tpm.tools("tpm2_createprimary", "--key-algorithm=ecc", f"--key-context={tmp_path / 'primary.ctx'}")
-    tpm.tools("tpm2_create", f"--parent-context={tmp_path / 'primary.ctx'}", "--sealing-input=-",
-              f"--public={tmp_path / 'secret.pub'}", f"--private={tmp_path / 'secret.priv'}", f"--policy={pol}",
-              input=SEED_SECRET)
-    tpm.tools("tpm2_flushcontext", "-t")
-    done = run_cli("adopt", str(disk), "--blob", str(tmp_path / "secret.pub"), str(tmp_path / "secret.priv"),
-                   "--pcrs", "sha256:0,2,3,7", tpm=tpm)
+    add_keyslot(disk, SEED_SECRET)
+    pub, priv = seal_the_archwiki_way(tpm, tmp_path, "sha256:0,2,3,7")
+    done = run_cli("adopt", str(disk), "--blob", str(pub), str(priv), "--pcrs", "sha256:0,2,3,7", tpm=tpm)
     assert done.returncode == 0, done.stderr.decode()
     (token,) = our_tokens(disk).values()
     assert token["keyslots"] == ["1"] and token["keyslot_owned"] is False and token["store"] == "token"
@@ -183,8 +170,9 @@ def test_adopt_blob_made_by_the_archwiki_commands(disk: Path, tpm: Swtpm, tmp_pa
 
 
 def test_adopt_nv_index_made_by_the_archwiki_commands(disk: Path, tpm: Swtpm, tmp_path: Path) -> None:
-    add_seed_secret_keyslot(disk)
-    pol = seed_policy(tpm, tmp_path)
+    add_keyslot(disk, SEED_SECRET)
+    pol = tmp_path / "pcr.pol"
+    tpm.tools("tpm2_createpolicy", "--policy-pcr", "--pcr-list=sha256:0,2,3,7", f"--policy={pol}")
     tpm.tools("tpm2_nvdefine", "--size", "10", "--attributes=policyread|authwrite", f"--policy={pol}", "0x2000A")
     tpm.tools("tpm2_nvwrite", "--input=-", "0x2000A", input=SEED_SECRET)
     try:
@@ -212,15 +200,9 @@ def test_adopt_nv_index_made_by_the_archwiki_commands(disk: Path, tpm: Swtpm, tm
 
 
 def test_adopt_with_wrong_pcrs_says_so(disk: Path, tpm: Swtpm, tmp_path: Path) -> None:
-    add_seed_secret_keyslot(disk)
-    pol = seed_policy(tpm, tmp_path)
-    tpm.tools("tpm2_createprimary", "--key-algorithm=ecc", f"--key-context={tmp_path / 'primary.ctx'}")
-    tpm.tools("tpm2_create", f"--parent-context={tmp_path / 'primary.ctx'}", "--sealing-input=-",
-              f"--public={tmp_path / 'secret.pub'}", f"--private={tmp_path / 'secret.priv'}", f"--policy={pol}",
-              input=SEED_SECRET)
-    tpm.tools("tpm2_flushcontext", "-t")
-    done = run_cli("adopt", str(disk), "--blob", str(tmp_path / "secret.pub"), str(tmp_path / "secret.priv"),
-                   "--pcrs", "sha256:0,7", tpm=tpm)
+    add_keyslot(disk, SEED_SECRET)
+    pub, priv = seal_the_archwiki_way(tpm, tmp_path, "sha256:0,2,3,7")
+    done = run_cli("adopt", str(disk), "--blob", str(pub), str(priv), "--pcrs", "sha256:0,7", tpm=tpm)
     assert done.returncode == 3
     assert our_tokens(disk) == {}
 

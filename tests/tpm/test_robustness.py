@@ -12,20 +12,20 @@ import pexpect
 import pytest
 from helpers import (
     PASSPHRASE,
+    SEED_SECRET,
     SRK_ATTRS,
     Swtpm,
+    add_keyslot,
     luks_json,
     make_luks_image,
     opens,
     run_cli,
+    seal_the_archwiki_way,
     tpm2_tools_unseal,
     unlocker_command,
 )
 
 pytestmark = pytest.mark.tpm
-
-SEED_SECRET = b"my secret\n"
-
 
 def enroll(disk: Path, key_file: Path, tpm: Swtpm, *extra: str, env: dict[str, str] | None = None):
     return run_cli("enroll", str(disk), "--unlock-key-file", str(key_file), *extra, tpm=tpm, env=env)
@@ -33,21 +33,9 @@ def enroll(disk: Path, key_file: Path, tpm: Swtpm, *extra: str, env: dict[str, s
 
 def adopt_da_protected_blob(disk: Path, tpm: Swtpm, work: Path) -> None:
     """A key sealed the ArchWiki way (no noDA), adopted: the kind of object DA lockout blocks."""
-    r, w = os.pipe()
-    os.write(w, SEED_SECRET)
-    os.close(w)
-    import subprocess
-    subprocess.run(["cryptsetup", "luksAddKey", "--key-file=-", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations",
-                    "1000", str(disk), f"/dev/fd/{r}"], input=PASSPHRASE, check=True, pass_fds=(r,))
-    tpm.tools("tpm2_createpolicy", "--policy-pcr", "--pcr-list=sha256:0,7", f"--policy={work / 'pcr.pol'}")
-    tpm.tools("tpm2_createprimary", "--key-algorithm=ecc", f"--key-context={work / 'primary.ctx'}")
-    tpm.tools("tpm2_flushcontext", "-t")
-    tpm.tools("tpm2_create", f"--parent-context={work / 'primary.ctx'}", "--sealing-input=-",
-              f"--public={work / 'secret.pub'}", f"--private={work / 'secret.priv'}",
-              f"--policy={work / 'pcr.pol'}", input=SEED_SECRET)
-    tpm.tools("tpm2_flushcontext", "-t")
-    done = run_cli("adopt", str(disk), "--blob", str(work / "secret.pub"), str(work / "secret.priv"),
-                   "--pcrs", "sha256:0,7", tpm=tpm)
+    add_keyslot(disk, SEED_SECRET)
+    pub, priv = seal_the_archwiki_way(tpm, work, "sha256:0,7")
+    done = run_cli("adopt", str(disk), "--blob", str(pub), str(priv), "--pcrs", "sha256:0,7", tpm=tpm)
     assert done.returncode == 0, done.stderr.decode()
 
 

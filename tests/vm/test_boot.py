@@ -3,12 +3,11 @@ module or our mkinitcpio hook, a LUKS2 root and a swtpm. Every scenario for both
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import opens, our_tokens, replace_token
 
 from vm.guest import PASSPHRASE, Guest
 from vm.images import Artifacts
@@ -17,17 +16,6 @@ from vm.rootfs import build_root_image
 KINDS = ["dracut", "mkinitcpio"]
 # dracut's shell initrd (no systemd): the initqueue hook, then dracut's own passphrase prompt
 ALL_KINDS = [*KINDS, "dracut-shell"]
-
-
-def tokens(disk: Path) -> dict:
-    meta = json.loads(subprocess.run(["cryptsetup", "luksDump", "--dump-json-metadata", str(disk)],
-                                     capture_output=True, check=True).stdout)
-    return {k: v for k, v in meta["tokens"].items() if v["type"] == "tpm2-unlocker"}
-
-
-def opens(disk: Path, key: bytes) -> bool:
-    return subprocess.run(["cryptsetup", "open", "--test-passphrase", "--key-file=-", str(disk)], input=key,
-                          capture_output=True).returncode == 0
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
@@ -52,7 +40,7 @@ def test_firmware_change_says_pcr0_changed_and_typed_passphrase_boots(kind: str,
 @pytest.mark.parametrize("kind", KINDS)
 def test_wrong_passphrase_three_times_fails_cleanly_and_disk_stays_intact(kind: str, guest_of) -> None:  # type: ignore[no-untyped-def]
     guest: Guest = guest_of(kind)
-    before = tokens(guest.root.path)
+    before = our_tokens(guest.root.path)
     result = guest.run_boot("wrong", firmware="2m", answers=[b"wrong 1", b"wrong 2", b"wrong 3"])
     assert result.root_uptime is None, "a wrong passphrase must never reach the root"
     if kind == "mkinitcpio":
@@ -61,7 +49,7 @@ def test_wrong_passphrase_three_times_fails_cleanly_and_disk_stays_intact(kind: 
     else:  # systemd-cryptsetup asked three times, then gave up
         assert result.log.count("Please enter passphrase for disk") == 3
         assert re.search(r"Failed to start \S*systemd-cr", result.log)
-    assert tokens(guest.root.path) == before
+    assert our_tokens(guest.root.path) == before
     assert opens(guest.root.path, PASSPHRASE)
     assert guest.run_boot("after-wrong").root_uptime is not None, "the TPM still unlocks the same disk"
 
@@ -78,10 +66,9 @@ def test_no_tpm_device_says_so_and_asks_for_the_passphrase(kind: str, guest_of) 
 @pytest.mark.parametrize("kind", KINDS)
 def test_corrupt_token_says_so_and_asks_for_the_passphrase(kind: str, guest_of) -> None:  # type: ignore[no-untyped-def]
     guest: Guest = guest_of(kind)
-    (tid, token), = tokens(guest.root.path).items()
+    (tid, token), = our_tokens(guest.root.path).items()
     token["tpm2_private"] = "AAAA"  # a 3-byte TPM2B_PRIVATE: impossible
-    subprocess.run(["cryptsetup", "token", "import", "--token-replace", "--token-id", tid, "--json-file", "-",
-                    str(guest.root.path)], input=json.dumps(token).encode(), check=True)
+    replace_token(guest.root.path, tid, token)
     result = guest.run_boot("corrupt", answers=[PASSPHRASE])
     assert result.prompted
     assert "TPM unlock failed: the sealed object has trailing bytes" in result.log
