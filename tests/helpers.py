@@ -124,3 +124,29 @@ def replace_token(disk: Path, token_id: str, token: dict) -> None:
     """Overwrite a token in the header, as an attacker or a bit flip would."""
     subprocess.run(["cryptsetup", "token", "import", "--token-replace", "--token-id", token_id, "--json-file", "-",
                     str(disk)], input=json.dumps(token).encode(), check=True)
+
+
+def unlock_with_prompt(disk: Path, tcti: str, reason: str, answer: bytes | None) -> int:
+    """`unlock --test` on a terminal: expect the TPM failure `reason`, then the prompt; type `answer`
+    (None: end of input, nobody answers). Returns the exit status."""
+    import pexpect
+
+    cmd = unlocker_command()
+    env = {k: v for k, v in os.environ.items() if k != "TPM2TOOLS_TCTI"}
+    env["TPM2_UNLOCKER_TCTI"] = tcti
+    child = pexpect.spawn(cmd[0], [*cmd[1:], "unlock", str(disk), "--test"], env=env, timeout=60)
+    child.expect(reason)
+    child.expect("Enter passphrase for ")
+    if answer is None:
+        child.sendeof()
+    else:
+        child.sendline(answer)
+    child.expect(pexpect.EOF)
+    child.close()
+    return child.exitstatus
+
+
+def enroll_or_fail(disk: Path, key_file: Path, tpm: Swtpm, *extra: str) -> None:
+    """`enroll DISK --unlock-key-file KEY_FILE ...` that must succeed."""
+    done = run_cli("enroll", str(disk), "--unlock-key-file", str(key_file), *extra, tpm=tpm)
+    assert done.returncode == 0, done.stderr.decode()

@@ -8,14 +8,21 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from helpers import PASSPHRASE, Swtpm, free_port_pair, luks_json, opens, our_tokens, replace_token, run_cli, unlocker_command
+from helpers import (
+    PASSPHRASE,
+    Swtpm,
+    free_port_pair,
+    luks_json,
+    opens,
+    our_tokens,
+    replace_token,
+    run_cli,
+    unlock_with_prompt,
+    unlocker_command,
+)
+from helpers import enroll_or_fail as enroll  # noqa: E402
 
 pytestmark = pytest.mark.tpm
-
-
-def enroll(disk: Path, key_file: Path, tpm: Swtpm, *extra: str) -> None:
-    done = run_cli("enroll", str(disk), "--unlock-key-file", str(key_file), *extra, tpm=tpm)
-    assert done.returncode == 0, done.stderr.decode()
 
 
 def spawn_unlock(disk: Path, tcti: str, *extra: str) -> pexpect.spawn:
@@ -68,13 +75,7 @@ def test_wrong_passphrase_three_times_exits_6_and_disk_unchanged(disk: Path, key
 def test_no_tpm_reachable_falls_back_and_exits_2_without_passphrase(disk: Path, key_file: Path, tpm: Swtpm) -> None:
     enroll(disk, key_file, tpm)
     nowhere = f"swtpm:host=127.0.0.1,port={free_port_pair()}"
-    child = spawn_unlock(disk, nowhere)
-    child.expect("cannot reach the TPM")
-    child.expect("Enter passphrase for ")
-    child.sendeof()
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 2
+    assert unlock_with_prompt(disk, nowhere, "cannot reach the TPM", None) == 2
     # and with a passphrase it opens
     child = spawn_unlock(disk, nowhere)
     child.expect("Enter passphrase for ")
@@ -97,13 +98,7 @@ def test_corrupt_token_json_says_so_and_falls_back(disk: Path, key_file: Path, t
     tid, token = next(iter(our_tokens(disk).items()))
     token["policy_hash"] = "zz"  # not hex
     replace_token(disk, tid, token)
-    child = spawn_unlock(disk, tpm.tcti)
-    child.expect("token field 'policy_hash' is not lower-case hex")
-    child.expect("Enter passphrase for ")
-    child.sendeof()
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 5
+    assert unlock_with_prompt(disk, tpm.tcti, "token field 'policy_hash' is not lower-case hex", None) == 5
     status = json.loads(run_cli("status", str(disk), "--json", tpm=tpm).stdout)
     assert status["enrolments"][0]["valid"] is False
 
@@ -129,13 +124,7 @@ def test_truncated_blob_says_so_and_falls_back(disk: Path, key_file: Path, tpm: 
     enroll(disk, key_file, tpm, "--store", f"file={blob}")
     data = (blob / "key.priv").read_bytes()
     (blob / "key.priv").write_bytes(data[: len(data) // 2])
-    child = spawn_unlock(disk, tpm.tcti)
-    child.expect("the sealed object is truncated or malformed")
-    child.expect("Enter passphrase for ")
-    child.sendline(PASSPHRASE)
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    assert unlock_with_prompt(disk, tpm.tcti, "the sealed object is truncated or malformed", PASSPHRASE) == 0
     done = run_cli("unlock", str(disk), "--test", tpm=tpm)
     assert done.returncode == 5
 
@@ -154,13 +143,7 @@ def test_tampered_blob_fails_integrity_with_exit_5(disk: Path, key_file: Path, t
 def test_missing_nv_index_says_so_and_falls_back(disk: Path, key_file: Path, tpm: Swtpm) -> None:
     enroll(disk, key_file, tpm, "--store", "nv")
     tpm.tools("tpm2_nvundefine", "0x1500016")
-    child = spawn_unlock(disk, tpm.tcti)
-    child.expect("NV index 0x01500016 does not exist")
-    child.expect("Enter passphrase for ")
-    child.sendeof()
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 5
+    assert unlock_with_prompt(disk, tpm.tcti, "NV index 0x01500016 does not exist", None) == 5
 
 
 def test_other_tpm_is_refused(disk: Path, key_file: Path, tpm: Swtpm, tmp_path: Path) -> None:

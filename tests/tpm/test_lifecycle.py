@@ -19,13 +19,9 @@ from helpers import (
     seal_the_archwiki_way,
     tpm2_tools_unseal,
 )
+from helpers import enroll_or_fail as enroll  # noqa: E402
 
 pytestmark = pytest.mark.tpm
-
-
-def enroll(disk: Path, key_file: Path, tpm: Swtpm, *extra: str) -> None:
-    done = run_cli("enroll", str(disk), "--unlock-key-file", str(key_file), *extra, tpm=tpm)
-    assert done.returncode == 0, done.stderr.decode()
 
 
 def unlocks_unattended(disk: Path, tpm: Swtpm) -> bool:

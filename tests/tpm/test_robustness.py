@@ -8,7 +8,6 @@ import shutil
 import stat
 from pathlib import Path
 
-import pexpect
 import pytest
 from helpers import (
     PASSPHRASE,
@@ -22,7 +21,7 @@ from helpers import (
     run_cli,
     seal_the_archwiki_way,
     tpm2_tools_unseal,
-    unlocker_command,
+    unlock_with_prompt,
 )
 
 pytestmark = pytest.mark.tpm
@@ -58,15 +57,7 @@ def force_lockout(tpm: Swtpm, work: Path) -> None:
 def test_da_lockout_says_so_and_falls_back(disk: Path, tpm: Swtpm, tmp_path: Path) -> None:
     adopt_da_protected_blob(disk, tpm, tmp_path)
     force_lockout(tpm, tmp_path)
-    cmd = unlocker_command()
-    child = pexpect.spawn(cmd[0], [*cmd[1:], "unlock", str(disk), "--test"],
-                          env=dict(os.environ, TPM2_UNLOCKER_TCTI=tpm.tcti), timeout=60)
-    child.expect("the TPM is in dictionary-attack lockout")
-    child.expect("Enter passphrase for ")
-    child.sendline(PASSPHRASE)
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    assert unlock_with_prompt(disk, tpm.tcti, "the TPM is in dictionary-attack lockout", PASSPHRASE) == 0
     done = run_cli("unlock", str(disk), "--test", tpm=tpm)
     assert done.returncode == 4
     assert b"lockout" in done.stderr and b"Traceback" not in done.stderr
