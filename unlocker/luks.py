@@ -173,16 +173,6 @@ class LuksDevice:
         token.token_id = tid
         return tid
 
-    def import_raw_token(self, doc: dict[str, Any]) -> int:
-        """Write an arbitrary token document (tests and repair); returns its id."""
-        tid = self.free_token_id()
-        done = _cryptsetup(["token", "import", "--json-file", "-", "--token-id", str(tid), self.path],
-                           input=json.dumps(doc).encode())
-        self._meta = None
-        if done.returncode != 0:
-            raise CryptsetupError(f"{self.path}: writing the LUKS2 token failed: {done.stderr_text}")
-        return tid
-
     def remove_token(self, token_id: int) -> None:
         done = _cryptsetup(["token", "remove", "--token-id", str(token_id), self.path])
         self._meta = None

@@ -52,7 +52,6 @@ def run(
     *,
     input: bytes | bytearray | memoryview | None = None,
     pass_fds: Sequence[int] = (),
-    check: bool = False,
     timeout: float | None = None,
 ) -> Completed:
     """Run a program, capture its output, feed `input` on stdin.
@@ -75,7 +74,4 @@ def run(
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
-    done = Completed(argv, proc.returncode, out, err)
-    if check and done.returncode != 0:
-        raise subprocess.CalledProcessError(done.returncode, argv, out, err)
-    return done
+    return Completed(argv, proc.returncode, out, err)

@@ -98,11 +98,11 @@ def take(tpm: Tpm, token: Token) -> Secret:
     return tpm.unseal(SealedObject(token.public, token.private), token.selection)
 
 
-def destroy(tpm: Tpm | None, token: Token, *, keep_files: bool = False) -> None:
+def destroy(tpm: Tpm | None, token: Token) -> None:
     """Remove the sealed key a token points at (an NV index, or the blob files)."""
     if token.store == "nv" and tpm is not None:
         tpm.nv_undefine(token.nv_index)
-    elif token.store == "file" and not keep_files:
+    elif token.store == "file":
         for name in (PUB_NAME, PRIV_NAME, PUB_NAME + PENDING, PRIV_NAME + PENDING):
             try:
                 os.unlink(os.path.join(token.blob_dir, name))

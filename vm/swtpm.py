@@ -7,7 +7,7 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -44,7 +44,6 @@ class Swtpm:
     state_dir: Path
     port: int = 0
     proc: subprocess.Popen | None = None
-    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def tcti(self) -> str:
