@@ -14,7 +14,9 @@ swtpm state. Every dracut image is built from one explicit module list plus what
 The unlock window is guest uptime from the disk's appearance (a unit after dev-vda.device) to
 cryptsetup.target (a unit after it), the same stopwatch in every systemd image. The busybox image has
 no units: its window runs from the kernel's `[vda]` probe line to the end of the runtime hooks, and
-the kernel-probe window is printed for every variant too. Between boots the TPM's dictionary-attack
+the kernel-probe window is printed for every variant too. The guest uptime at that end mark ("unlocked
+at") is printed as well: a window can shrink because work moved before the disk appeared, and only
+this absolute figure shows whether the boot as a whole got there sooner. Between boots the TPM's dictionary-attack
 counter is cleared from the host (the forced power-offs would lock the systemd token out).
 Also on the host: frozen binary cold start, unseal + open-test against tpm2-tools and Clevis.
 """
@@ -55,6 +57,7 @@ ROOT = re.compile(rb"TPM2U-ROOT-REACHED uptime=([0-9.]+)")
 class Sample:
     window: float | None  # unit stopwatch (systemd) or kernel probe -> hooks done (busybox)
     kernel_window: float | None  # kernel [vda] probe -> end mark, for every variant
+    unlocked: float | None  # guest uptime at the end mark (cryptsetup.target, or end of the hooks)
     root: float | None
 
 
@@ -79,7 +82,7 @@ def parse(log: bytes) -> Sample:
     start = marks.get("disk", float(vda.group(1)) if vda else None)
     window = end - start if end is not None and start is not None else None
     kernel_window = end - float(vda.group(1)) if end is not None and vda else None
-    return Sample(window, kernel_window, float(root.group(1)) if root else None)
+    return Sample(window, kernel_window, end, float(root.group(1)) if root else None)
 
 
 def ensure_clevis() -> None:
@@ -144,10 +147,11 @@ def fmt(stat: tuple[float, float, float] | None) -> str:
 
 
 def report(results: dict[str, Result]) -> None:
-    print("\nvariant           image MB   window median (min-max) s   kernel-probe window s       root init s")
+    print("\nvariant           image MB   window median (min-max) s   kernel-probe window s       "
+          "unlocked at (uptime) s      root init s")
     for r in results.values():
         print(f"{r.variant:16s} {r.image_mb:8.1f}   {fmt(r.stat('window')):26s}  {fmt(r.stat('kernel_window')):26s}"
-              f"  {fmt(r.stat('root'))}")
+              f"  {fmt(r.stat('unlocked')):26s}  {fmt(r.stat('root'))}")
     ours = results.get("ours-dracut")
     for other in ("systemd-tpm2", "clevis", "ours-mkinitcpio"):
         if ours and other in results and ours.stat("window") and results[other].stat("window"):
@@ -249,7 +253,7 @@ def main() -> None:
             sample = boot_variant(kernel, images[v], v, root, state, work / v, f"boot{i}")
             results[v].samples.append(sample)
             print(f"  boot {i + 1}/{opts.boots} {v}: window {sample.window}, kernel-probe window "
-                  f"{sample.kernel_window}, root {sample.root}", flush=True)
+                  f"{sample.kernel_window}, unlocked at {sample.unlocked}, root {sample.root}", flush=True)
     report(results)
     print(f"\nconsole logs in {work}")
 

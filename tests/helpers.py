@@ -22,14 +22,18 @@ def unlocker_command() -> list[str]:
     return [binary] if binary else [sys.executable, "-m", "unlocker.cli"]
 
 
+def cli_env(tcti: str | None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The CLI's environment: ours without any inherited TCTI, plus the one given."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TPM2TOOLS_TCTI", "TPM2_UNLOCKER_TCTI")}
+    if tcti is not None:
+        env["TPM2_UNLOCKER_TCTI"] = tcti
+    env.update(extra or {})
+    return env
+
+
 def run_cli(*args: str, tpm: Swtpm | None = None, input: bytes | None = None,
             env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ)
-    full_env.pop("TPM2TOOLS_TCTI", None)
-    full_env.pop("TPM2_UNLOCKER_TCTI", None)
-    if tpm is not None:
-        full_env["TPM2_UNLOCKER_TCTI"] = tpm.tcti
-    full_env.update(env or {})
+    full_env = cli_env(tpm.tcti if tpm is not None else None, env)
     return subprocess.run([*unlocker_command(), *args], input=input if input is not None else b"",
                           capture_output=True, env=full_env, timeout=timeout)
 
@@ -132,9 +136,7 @@ def unlock_with_prompt(disk: Path, tcti: str, reason: str, answer: bytes | None)
     import pexpect
 
     cmd = unlocker_command()
-    env = {k: v for k, v in os.environ.items() if k != "TPM2TOOLS_TCTI"}
-    env["TPM2_UNLOCKER_TCTI"] = tcti
-    child = pexpect.spawn(cmd[0], [*cmd[1:], "unlock", str(disk), "--test"], env=env, timeout=60)
+    child = pexpect.spawn(cmd[0], [*cmd[1:], "unlock", str(disk), "--test"], env=cli_env(tcti), timeout=60)
     child.expect(reason)
     child.expect("Enter passphrase for ")
     if answer is None:

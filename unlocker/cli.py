@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from . import __version__
 from .errors import EXIT_OK, EXIT_USAGE, UnlockerError, UsageError
-from .log import hint, say
+from .log import hint, say, setup_logging, trace
 from .policy import DEFAULT_PCRS, PcrSelection
 
 
@@ -147,10 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _debug_on_cmdline() -> bool:
+    """`tpm2_unlocker.debug` on the kernel command line turns on --debug, in the initrd only."""
+    if not os.path.exists("/etc/initrd-release"):
+        return False
+    try:
+        with open("/proc/cmdline") as f:
+            return "tpm2_unlocker.debug" in f.read().split()
+    except OSError:
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
+    debug = "--debug" in args or _debug_on_cmdline()
+    setup_logging(debug)
+    trace(f"tpm2-unlocker {__version__}: {' '.join(args)}")
     try:
         opts = build_parser().parse_args(args)
         if opts.verb is None:
@@ -158,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(opts.func(opts))
     except UnlockerError as exc:
         if debug:
+            import traceback
+
             traceback.print_exc()
         say(exc.message)
         if exc.hint:
@@ -168,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:  # a bug: one line unless --debug
         if debug:
+            import traceback
+
             traceback.print_exc()
         say(f"internal error: {type(exc).__name__}: {exc} (run with --debug for details)")
         return EXIT_USAGE

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import store
-from .errors import CorruptError, UnlockerError, UsageError
+from .errors import CorruptError, UsageError
 from .log import say
 from .luks import LuksDevice
 from .passphrase import existing_passphrase
@@ -33,24 +33,31 @@ class EnrollOptions:
 
 
 class Undo:
-    """A stack of undo steps, run in reverse when the flow fails."""
+    """A stack of undo steps; `with Undo("enrolment") as undo:` runs them in reverse if the block fails."""
 
-    def __init__(self) -> None:
+    def __init__(self, what: str) -> None:
+        self._what = what
         self._steps: list[tuple[str, Callable[[], object]]] = []
 
     def push(self, what: str, step: Callable[[], object]) -> None:
         self._steps.append((what, step))
 
-    def run(self) -> None:
+    def __enter__(self) -> Undo:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is not None:  # any failure, a bug or Ctrl-C included, leaves the disk as it was
+            say(f"{self._what} failed, undoing what was added: {exc or type(exc).__name__}")
+            self._run()
+        self._steps.clear()
+
+    def _run(self) -> None:
         while self._steps:
             what, step = self._steps.pop()
             try:
                 step()
             except Exception as exc:  # keep undoing; say what could not be undone
                 say(f"could not undo: {what} ({exc})")
-
-    def forget(self) -> None:
-        self._steps.clear()
 
 
 def prove(tpm: Tpm, device: LuksDevice, token: Token, key: Secret) -> None:
@@ -89,16 +96,10 @@ def enroll(opts: EnrollOptions) -> Token:
     with existing_passphrase(device, opts.unlock_key_file) as passphrase, Tpm(tcti) as tpm, \
             Secret.random(KEY_SIZE) as key:
         tpm.srk()  # fail on a missing TPM before the disk is touched
-        undo = Undo()
-        try:
+        with Undo("enrolment") as undo:
             slot = device.free_keyslot()
             device.add_key(passphrase, key, slot)
             undo.push(f"remove keyslot {slot}", lambda: device.kill_slot(slot, passphrase))
             token = seal_into_token(tpm, device, key, slot, opts.selection, opts.spec, undo)
             prove(tpm, device, token, key)
-        except (UnlockerError, OSError) as exc:
-            say(f"enrolment failed, undoing what was added: {exc}")
-            undo.run()
-            raise
-        undo.forget()
     return token

@@ -62,6 +62,13 @@ class LuksDevice:
         assert self._meta is not None
         return self._meta
 
+    def seed_metadata(self, meta: dict[str, Any]) -> None:
+        """Use LUKS2 metadata already read from the header instead of asking cryptsetup.
+
+        Only for reading tokens at boot: whatever they say, `cryptsetup open` checks the key.
+        """
+        self._meta = meta
+
     def uuid(self) -> str:
         done = _cryptsetup(["luksUUID", self.path])
         if done.returncode != 0:

@@ -7,9 +7,9 @@ H(old || TPM_CC_PolicyAuthValue). The policy itself is always SHA-256 (our objec
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import UsageError
 
@@ -80,9 +80,16 @@ class PcrSelection:
         return struct.pack(">IHB", 1, self.alg_id, 3) + self.bitmap()
 
 
+def _sha256(data: bytes = b"") -> Any:
+    # hashlib loads OpenSSL's digests on import; the boot path (unlock) never needs it
+    import hashlib
+
+    return hashlib.sha256(data)
+
+
 def pcr_composite_digest(values: dict[int, bytes], selection: PcrSelection) -> bytes:
     """H(values of the selected PCRs in index order) — the digest PolicyPCR binds to."""
-    h = hashlib.sha256()
+    h = _sha256()
     for p in selection.pcrs:
         value = values[p]
         if len(value) != selection.digest_size:
@@ -93,7 +100,7 @@ def pcr_composite_digest(values: dict[int, bytes], selection: PcrSelection) -> b
 
 def policy_pcr(selection: PcrSelection, values: dict[int, bytes], previous: bytes = bytes(32)) -> bytes:
     """The policy digest after TPM2_PolicyPCR(selection) with the given PCR values."""
-    return hashlib.sha256(
+    return _sha256(
         previous
         + struct.pack(">I", TPM_CC_POLICY_PCR)
         + selection.marshal()
@@ -102,14 +109,14 @@ def policy_pcr(selection: PcrSelection, values: dict[int, bytes], previous: byte
 
 
 def policy_auth_value(previous: bytes) -> bytes:
-    return hashlib.sha256(previous + struct.pack(">I", TPM_CC_POLICY_AUTH_VALUE)).digest()
+    return _sha256(previous + struct.pack(">I", TPM_CC_POLICY_AUTH_VALUE)).digest()
 
 
 def policy_or(branches: list[bytes]) -> bytes:
     """The digest after TPM2_PolicyOR over 2..8 branch digests."""
     if not 2 <= len(branches) <= 8:
         raise ValueError("PolicyOR takes 2 to 8 branches")
-    return hashlib.sha256(bytes(32) + struct.pack(">I", TPM_CC_POLICY_OR) + b"".join(branches)).digest()
+    return _sha256(bytes(32) + struct.pack(">I", TPM_CC_POLICY_OR) + b"".join(branches)).digest()
 
 
 def sealing_policy(selection: PcrSelection, values: dict[int, bytes], with_pin: bool = False) -> bytes:

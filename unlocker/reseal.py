@@ -32,9 +32,8 @@ class ResealOptions:
 
 def _reseal_one(tpm: Tpm, device: LuksDevice, old: Token, opts: ResealOptions) -> Token:
     selection = opts.selection or old.selection
-    undo = Undo()
     passphrase: Secret | None = None
-    try:
+    with Undo("re-seal") as undo:
         try:
             key = store.take(tpm, old)
             slot, new_slot = old.keyslot, False
@@ -43,6 +42,7 @@ def _reseal_one(tpm: Tpm, device: LuksDevice, old: Token, opts: ResealOptions) -
                 raise UsageError(f"the adopted key no longer unseals ({exc}); re-run 'adopt' or 'enroll'") from None
             say(f"the old TPM key does not unseal ({exc}); a new key will replace it")
             passphrase = existing_passphrase(device, opts.unlock_key_file)
+            undo.push("forget the passphrase", passphrase.wipe)  # runs last, after the keyslot's undo
             key = Secret.random(KEY_SIZE)
             slot, new_slot = device.free_keyslot(), True
             device.add_key(passphrase, key, slot)
@@ -51,13 +51,6 @@ def _reseal_one(tpm: Tpm, device: LuksDevice, old: Token, opts: ResealOptions) -
             token = seal_into_token(tpm, device, key, slot, selection, StoreSpec.of_token(old), undo,
                                     keyslot_owned=old.keyslot_owned, next_free_nv=True)
             prove(tpm, device, token, key)
-    except (UnlockerError, OSError) as exc:
-        say(f"re-seal failed, undoing what was added: {exc}")
-        undo.run()
-        if passphrase is not None:
-            passphrase.wipe()
-        raise
-    undo.forget()
     # The new enrolment works: now remove the old one, token first.
     device.remove_token(old.token_id if old.token_id is not None else -1)
     if old.store != "file":  # file stores were replaced in place

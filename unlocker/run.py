@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import subprocess
@@ -10,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-log = logging.getLogger("tpm2-unlocker")
+from .log import trace
 
 # Variables PyInstaller (or a caller) sets that must not reach a child: a frozen binary points
 # LD_LIBRARY_PATH at its own folder, and cryptsetup would then load our bundled libcrypto.
@@ -60,7 +59,7 @@ def run(
     FileNotFoundError for the caller to turn into its own error.
     """
     argv = list(argv)
-    log.debug("run: %s", " ".join(argv))
+    trace("run: " + " ".join(argv))
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
@@ -74,4 +73,5 @@ def run(
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
+    trace(f"run: {argv[0]} exited {proc.returncode}")
     return Completed(argv, proc.returncode, out, err)

@@ -8,6 +8,7 @@ never crosses the TPM bus in clear. TPM errors become the exceptions of errors.p
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from tpm2_pytss.types import (
 )
 
 from .errors import CorruptError, LockoutError, NoTpmError, PolicyError, UsageError
+from .log import trace
 from .policy import PcrSelection
 from .secret import Secret
 
@@ -56,14 +58,31 @@ _TCTI_LAYER_MASK = 0xFFFF0000
 _TCTI_LAYER = 0x000A0000
 
 
-def resolve_tcti(explicit: str | None) -> str:
-    """--tcti, else TPM2_UNLOCKER_TCTI, else TPM2TOOLS_TCTI, else the kernel's resource manager."""
+# The firmware's ACPI table for a TPM 2.0: when present, a missing /dev/tpmrm0 only means its driver
+# has not loaded yet (udev's coldplug is still running beside us at boot).
+ACPI_TPM2_TABLE = "/sys/firmware/acpi/tables/TPM2"
+
+
+def resolve_tcti(explicit: str | None, wait: float = 0) -> str:
+    """--tcti, else TPM2_UNLOCKER_TCTI, else TPM2TOOLS_TCTI, else the kernel's resource manager.
+
+    With `wait`, give a TPM the firmware announces that many seconds to get its device node.
+    """
     for value in (explicit, os.environ.get("TPM2_UNLOCKER_TCTI"), os.environ.get("TPM2TOOLS_TCTI")):
         if value:
             return value
-    for dev in ("/dev/tpmrm0", "/dev/tpm0"):
-        if os.path.exists(dev):
-            return f"device:{dev}"
+    deadline = time.monotonic() + wait
+    waited = False
+    while True:
+        for dev in ("/dev/tpmrm0", "/dev/tpm0"):
+            if os.path.exists(dev):
+                return f"device:{dev}"
+        if time.monotonic() >= deadline or not os.path.exists(ACPI_TPM2_TABLE):
+            break
+        if not waited:
+            trace("the firmware has a TPM 2.0; waiting for its device node")
+            waited = True
+        time.sleep(0.05)
     raise NoTpmError("no TPM found (no /dev/tpmrm0 or /dev/tpm0; set --tcti for a simulator)")
 
 
@@ -351,18 +370,28 @@ class Tpm:
             self._flush(obj)
 
     # --- NV indexes -------------------------------------------------------------------------------
-    def nv_info(self, index: int) -> NvInfo | None:
+    def _nv_lookup(self, index: int) -> tuple[ESYS_TR, TPM2B_NV_PUBLIC] | None:
+        """The ESYS handle (the caller closes it) and public area of `index`; None when undefined."""
         try:
             _more, data = self._esys.get_capability(TPM2_CAP.HANDLES, index, 1)
             if not data.data.handles.count or int(data.data.handles[0]) != index:
                 return None
             handle = self._esys.tr_from_tpmpublic(index)
-            try:
-                nvpub, _ = self._esys.nv_read_public(handle)
-            finally:
-                self._esys.tr_close(handle)
         except TSS2_Exception as exc:
             raise _tpm_error(exc, f"reading NV index 0x{index:08x}") from None
+        try:
+            nvpub, _ = self._esys.nv_read_public(handle)
+        except TSS2_Exception as exc:
+            self._esys.tr_close(handle)
+            raise _tpm_error(exc, f"reading NV index 0x{index:08x}") from None
+        return handle, nvpub
+
+    def nv_info(self, index: int) -> NvInfo | None:
+        found = self._nv_lookup(index)
+        if found is None:
+            return None
+        handle, nvpub = found
+        self._esys.tr_close(handle)
         attrs = int(nvpub.nvPublic.attributes)
         return NvInfo(index=index, size=int(nvpub.nvPublic.dataSize), attributes=attrs,
                       auth_policy=bytes(nvpub.nvPublic.authPolicy), no_da=bool(attrs & TPMA_NV.NO_DA))
@@ -391,14 +420,15 @@ class Tpm:
             self._esys.tr_close(handle)
 
     def nv_read(self, index: int, selection: PcrSelection) -> Secret:
-        info = self.nv_info(index)
-        if info is None:
+        found = self._nv_lookup(index)
+        if found is None:
             raise CorruptError(f"NV index 0x{index:08x} does not exist in this TPM")
-        handle = self._esys.tr_from_tpmpublic(index)
+        handle, nvpub = found
         try:
             with self._salted_session(TPM2_SE.POLICY) as session:
                 self._policy_pcr(session, selection)
-                data = self._esys.nv_read(handle, info.size, 0, auth_handle=handle, session1=session)
+                data = self._esys.nv_read(handle, int(nvpub.nvPublic.dataSize), 0, auth_handle=handle,
+                                          session1=session)
             return _take_secret(data)
         except TSS2_Exception as exc:
             raise _tpm_error(exc, f"reading NV index 0x{index:08x}") from None
@@ -407,9 +437,10 @@ class Tpm:
 
     def nv_undefine(self, index: int) -> bool:
         """Undefine `index`; False if it did not exist."""
-        if self.nv_info(index) is None:
+        found = self._nv_lookup(index)
+        if found is None:
             return False
-        handle = self._esys.tr_from_tpmpublic(index)
+        handle, _ = found
         try:
             self._esys.nv_undefine_space(handle, auth_handle=ESYS_TR.OWNER)
         except TSS2_Exception as exc:
@@ -418,8 +449,21 @@ class Tpm:
         return True
 
     def free_nv_index(self, start: int) -> int:
+        """The first index from `start` on (within 256) that is not defined: one capability query."""
+        defined: set[int] = set()
+        try:
+            first, more = start, True
+            while more and first < start + 256:
+                more, data = self._esys.get_capability(TPM2_CAP.HANDLES, first, start + 256 - first)
+                handles = [int(h) for h in data.data.handles]
+                if not handles:
+                    break
+                defined.update(handles)
+                first = max(handles) + 1
+        except TSS2_Exception as exc:
+            raise _tpm_error(exc, f"listing NV indexes from 0x{start:08x}") from None
         for index in range(start, start + 256):
-            if self.nv_info(index) is None:
+            if index not in defined:
                 return index
         raise UsageError(f"no free NV index near 0x{start:08x}")
 

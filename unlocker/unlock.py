@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from . import store
 from .errors import CorruptError, DeviceNotFoundError, NoTpmError, PolicyError, UnlockerError, UsageError, WrongPassphraseError
-from .log import say
+from .log import say, trace
 from .luks import LuksDevice
 from .policy import changed_pcrs
 from .prompt import ask_passphrase
@@ -23,6 +23,10 @@ class UnlockOptions:
     test: bool
     tries: int
     tcti: str | None
+    # LUKS2 metadata already read from the header (at boot): spares a `cryptsetup luksDump`
+    metadata: dict | None = None
+    # seconds to wait for the TPM's device node (at boot, its driver may still be loading)
+    tpm_wait: float = 0
 
 
 def explain_policy_failure(tpm: Tpm, token: Token, exc: PolicyError) -> PolicyError:
@@ -41,7 +45,7 @@ def explain_policy_failure(tpm: Tpm, token: Token, exc: PolicyError) -> PolicyEr
                        hint="after an intended update, run 'tpm2-unlocker reseal' once booted")
 
 
-def unseal_any(device: LuksDevice, tcti: str | None) -> tuple[Secret, Token]:
+def unseal_any(device: LuksDevice, tcti: str | None, tpm_wait: float = 0) -> tuple[Secret, Token]:
     """The key of the first token that unseals, or the most telling error of why none did."""
     tokens = device.our_tokens()
     if not tokens:
@@ -49,10 +53,13 @@ def unseal_any(device: LuksDevice, tcti: str | None) -> tuple[Secret, Token]:
     reasons: list[UnlockerError] = [t for _, t in tokens if isinstance(t, CorruptError)]
     good = [t for _, t in tokens if isinstance(t, Token)]
     if good:
-        with Tpm(resolve_tcti(tcti)) as tpm:
+        with Tpm(resolve_tcti(tcti, tpm_wait)) as tpm:
+            trace("TPM connected")
             for token in good:
                 try:
-                    return store.take(tpm, token), token
+                    key = store.take(tpm, token)
+                    trace(f"token {token.token_id}: unsealed")
+                    return key, token
                 except PolicyError as exc:
                     reasons.append(explain_policy_failure(tpm, token, exc))
                 except NoTpmError as exc:
@@ -70,18 +77,20 @@ def open_or_test(device: LuksDevice, key: Secret, name: str, slot: int | None, t
     return device.test_key(key, slot) if test else device.open(key, name, slot)
 
 
-def unlock(opts: UnlockOptions) -> str:
-    """Open the device; returns how ("tpm" or "passphrase")."""
+def unlock(opts: UnlockOptions) -> None:
+    """Open the device with the TPM, else with a passphrase asked up to opts.tries times."""
     device = LuksDevice(opts.device)
+    if opts.metadata is not None:
+        device.seed_metadata(opts.metadata)
     device.metadata()
     name = opts.name or f"luks-{device.uuid()}"
     try:
-        key, token = unseal_any(device, opts.tcti)
+        key, token = unseal_any(device, opts.tcti, opts.tpm_wait)
         with key:
             if not open_or_test(device, key, name, token.keyslot, opts.test):
                 raise CorruptError(f"the unsealed key does not open keyslot {token.keyslot}")
         say(f"{opts.device}: unlocked with the TPM" + (" (test only)" if opts.test else f" as {name}"))
-        return "tpm"
+        return
     except UnlockerError as exc:
         reason = exc
     say(f"{opts.device}: TPM unlock failed: {reason}")
@@ -96,7 +105,7 @@ def unlock(opts: UnlockOptions) -> str:
             ok = open_or_test(device, passphrase, name, None, opts.test)
         if ok:
             say(f"{opts.device}: unlocked with the passphrase" + (" (test only)" if opts.test else f" as {name}"))
-            return "passphrase"
+            return
         say(f"wrong passphrase ({attempt + 1} of {opts.tries})")
     if opts.tries == 0:
         raise type(reason)(f"{opts.device}: not unlocked (no passphrase prompt with --tries 0)")
@@ -115,12 +124,15 @@ def unlock_at_boot(opts: BootOptions) -> int:
 
     Returns how many were opened; raises the first failure after trying them all.
     """
+    from . import warmup
     from .devices import boot_targets, read_luks_header, wait_for
 
     targets = boot_targets()
+    trace("boot targets: " + (", ".join(t.source for t in targets) or "none"))
     if not targets:
         say("no LUKS device to open (none on the command line, in crypttab, or with a tpm2-unlocker token)")
         return 0
+    warmup.start()
     failures: list[UnlockerError] = []
     opened = 0
     for target in targets:
@@ -129,15 +141,17 @@ def unlock_at_boot(opts: BootOptions) -> int:
             failures.append(DeviceNotFoundError(f"{target.source}: no such device after {opts.timeout:g} s"))
             say(failures[-1].message)
             continue
+        trace(f"{target.source}: found at {path}")
+        header = read_luks_header(path)
         name = target.name
         if name is None:
-            header = read_luks_header(path)
             name = f"luks-{header[0]}" if header else os.path.basename(path)
         if os.path.exists(f"/dev/mapper/{name}"):
             say(f"{path}: already open as {name}")
             continue
         try:
-            unlock(UnlockOptions(path, name, False, opts.tries, opts.tcti))
+            unlock(UnlockOptions(path, name, False, opts.tries, opts.tcti, header[1] if header else None,
+                                 tpm_wait=opts.timeout))
             opened += 1
         except UnlockerError as exc:
             say(exc.message)

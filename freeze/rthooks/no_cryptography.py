@@ -6,7 +6,6 @@ and a one-file binary pays for every byte at each start. This finder answers eve
 import with a placeholder whose use raises a clear error.
 """
 
-import importlib.abc
 import importlib.machinery
 import sys
 import types
@@ -32,7 +31,9 @@ class _StubModule(types.ModuleType):
         return _Missing(f"{self.__name__}.{attr}")
 
 
-class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+# Plain classes, not importlib.abc's: that module pulls in importlib.resources, tempfile, shutil
+# and typing at every start, before our code runs (measured with -X importtime).
+class _StubFinder:
     def find_spec(self, name, path, target=None):  # type: ignore[no-untyped-def]
         if name == "cryptography" or name.startswith("cryptography."):
             return importlib.machinery.ModuleSpec(name, self, is_package=True)

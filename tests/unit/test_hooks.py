@@ -49,11 +49,51 @@ def test_help_documents_every_kernel_parameter(tmp_path: Path) -> None:
         assert parameter in text
 
 
-def test_runtime_hook_defines_run_hook_that_calls_the_binary() -> None:
-    hook = (REPO / "mkinitcpio" / "hooks" / "tpm2-unlocker").read_text()
-    done = subprocess.run(["bash", "-n", str(REPO / "mkinitcpio" / "hooks" / "tpm2-unlocker")], check=False)
-    assert done.returncode == 0
-    assert "run_hook()" in hook and "/usr/bin/tpm2-unlocker unlock --tries" in hook
+FAKE_BINARY = """#!/bin/sh
+echo "$*" >>"$CALLS"
+n=$(wc -l <"$CALLS")
+eval "exit \\${RC_$n:-0}"
+"""
+
+
+def run_runtime_hook(tmp_path: Path, rc_first: int, rc_second: int = 0) -> tuple[str, list[str]]:
+    """mkinitcpio's init sequence for our hook (source, run_earlyhook, source again, run_hook) in
+    busybox sh, with a fake binary that records its arguments and a modprobe that does nothing."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "tpm2-unlocker"
+    fake.write_text(FAKE_BINARY)
+    (bindir / "modprobe").write_text("#!/bin/sh\nexit 0\n")
+    for f in bindir.iterdir():
+        f.chmod(0o755)
+    calls = tmp_path / "calls"
+    calls.touch()
+    hook = REPO / "mkinitcpio" / "hooks" / "tpm2-unlocker"
+    script = (f"err() {{ echo \"ERROR: $*\"; }}\n. '{hook}'\nrun_earlyhook\nunset -f run_hook\n"
+              f". '{hook}'\nrun_hook\n")
+    done = subprocess.run(["busybox", "sh", "-c", script], capture_output=True, text=True, timeout=60,
+                          env={"PATH": f"{bindir}:/usr/bin:/bin", "TPM2_UNLOCKER_BIN": str(fake),
+                               "CALLS": str(calls), "RC_1": str(rc_first), "RC_2": str(rc_second)})
+    assert done.returncode == 0, done.stderr
+    return done.stdout, calls.read_text().splitlines()
+
+
+def test_runtime_hook_tpm_success_in_the_background_needs_no_second_run(tmp_path: Path) -> None:
+    out, calls = run_runtime_hook(tmp_path, rc_first=0)
+    assert calls == ["unlock --tries 0 --timeout 30"]
+    assert "ERROR" not in out
+
+
+def test_runtime_hook_asks_in_the_foreground_after_a_tpm_failure(tmp_path: Path) -> None:
+    out, calls = run_runtime_hook(tmp_path, rc_first=3, rc_second=0)
+    assert calls == ["unlock --tries 0 --timeout 30", "unlock --tries 3 --timeout 30"]
+    assert "ERROR" not in out
+
+
+def test_runtime_hook_reports_when_nothing_opens_the_disk(tmp_path: Path) -> None:
+    out, calls = run_runtime_hook(tmp_path, rc_first=4, rc_second=6)
+    assert len(calls) == 2
+    assert "ERROR: tpm2-unlocker: the LUKS device(s) could not be opened" in out
 
 
 def test_systemd_unit_runs_before_cryptsetup_pre_and_only_tries_the_tpm() -> None:

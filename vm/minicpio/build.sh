@@ -11,7 +11,7 @@ HOOKSDIR=$HOOKDIR/hooks
 here=$(cd "$(dirname "$0")" && pwd)
 BUILDROOT=$(mktemp -d)
 trap 'rm -rf "$BUILDROOT"' EXIT
-_modules=() _runhooks=()
+_modules=() _runhooks=() _earlyhooks=()
 . "$here/functions.sh"
 
 # the layout of an Arch image: /bin, /sbin, /usr/sbin -> usr/bin; /lib, /lib64 -> usr/lib
@@ -21,7 +21,9 @@ ln -s usr/lib "$BUILDROOT/lib"
 ln -s lib "$BUILDROOT/usr/lib64"; ln -s usr/lib "$BUILDROOT/lib64"
 add_binary /bin/busybox /usr/bin/busybox
 map add_module virtio_pci virtio_blk ext4
-base_modules=("${_modules[@]}")  # loaded by /init; the hooks' modules load on demand (modprobe)
+# loaded by /init after the early hooks, where udev's coldplug would load them in a real image;
+# the hooks' own modules load on demand (modprobe)
+base_modules=("${_modules[@]}")
 
 for hook in tpm2-unlocker; do
     _hook_name=$hook
@@ -31,6 +33,7 @@ for hook in tpm2-unlocker; do
 done
 
 add_file "$here/init" /init 755
-printf 'MODULES="%s"\nHOOKS="%s"\n' "${base_modules[*]}" "${_runhooks[*]}" > "$BUILDROOT/config"
+printf 'COLDPLUG="%s"\nEARLYHOOKS="%s"\nHOOKS="%s"\n' "${base_modules[*]}" "${_earlyhooks[*]}" "${_runhooks[*]}" \
+    > "$BUILDROOT/config"
 depmod -b "$BUILDROOT" "$KERNELVERSION"
 (cd "$BUILDROOT" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet | gzip -6) > "$OUT"

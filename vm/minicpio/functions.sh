@@ -100,9 +100,15 @@ add_udev_rule() {
 }
 
 add_runscript() {
-    local name=${1:-${_hook_name}}
+    # as mkinitcpio does: the hook's run_earlyhook/run_hook functions put it in EARLYHOOKS/HOOKS
+    local name=${1:-${_hook_name}} fn
     add_file "$HOOKSDIR/$name" "/hooks/$name" 755
-    _runhooks+=("$name")
+    for fn in $(grep -oE '^[[:space:]]*run_(early)?hook\b' "$HOOKSDIR/$name"); do
+        case $fn in
+            run_earlyhook) _earlyhooks+=("$name") ;;
+            run_hook) _runhooks+=("$name") ;;
+        esac
+    done
 }
 
 add_full_dir() {
