@@ -38,6 +38,10 @@ def tcti_libraries() -> list[str]:
     return found
 
 
+# Left out of the bundle, loaded from the system: every initramfs that has cryptsetup has them
+# (libcryptsetup links both), and a one-file binary copies each bundled byte out at every start.
+SYSTEM_LIBRARIES = ("libcrypto.so.3", "libz.so.1")
+
 UNCOMPRESSED_TYPES = ("EXTENSION", "DATA", "BINARY", "EXECUTABLE", "PYSOURCE", "PYMODULE", "SPLASH", "PYZ", "SYMLINK")
 
 
@@ -61,7 +65,12 @@ def write_spec(work: Path) -> Path:
     if "exe = EXE(" not in text or marker not in text:
         raise SystemExit("unexpected spec layout from pyi-makespec")
     cdict = ", ".join(f"{t!r}: False" for t in UNCOMPRESSED_TYPES)
-    spec.write_text(text.replace(marker, marker + f"    cdict={{{cdict}}},\n"))
+    text = text.replace(marker, marker + f"    cdict={{{cdict}}},\n")
+    if "pyz = PYZ(a.pure)" not in text:
+        raise SystemExit("unexpected spec layout from pyi-makespec")
+    text = text.replace("pyz = PYZ(a.pure)", f"a.binaries = [b for b in a.binaries if b[0] not in {SYSTEM_LIBRARIES!r}]\n"
+                        "pyz = PYZ(a.pure)")
+    spec.write_text(text)
     return spec
 
 
@@ -70,8 +79,10 @@ def build(out: Path) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     spec = write_spec(work)
     started = time.monotonic()
+    # PYZ entries are zlib streams whatever cdict says; level 0 makes each import's inflate a copy
+    env = {**os.environ, "PYINSTALLER_ZLIB_COMPRESSION_LEVEL": "0"}
     subprocess.run([sys.executable, "-m", "PyInstaller", "--noconfirm", "--clean", "--log-level", "WARN",
-                    "--distpath", str(out), "--workpath", str(work), str(spec)], check=True, cwd=ROOT)
+                    "--distpath", str(out), "--workpath", str(work), str(spec)], check=True, cwd=ROOT, env=env)
     binary = out / "tpm2-unlocker"
     print(f"built {binary}: {binary.stat().st_size / 1e6:.1f} MB in {time.monotonic() - started:.0f} s")
     return binary

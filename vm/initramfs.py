@@ -78,5 +78,6 @@ def build_mkinitcpio_busybox(kernel: Kernel, binary: Path, out: Path) -> Initram
     started = time.monotonic()
     run(["bash", MINICPIO / "build.sh", kernel.version, kernel.moddir, REPO / "mkinitcpio", out],
         env={"TPM2_UNLOCKER_BINARY": str(binary), "TPM2_UNLOCKER_UNIT": str(DRACUT_MODULE / "tpm2-unlocker.service"),
+             "TPM2_UNLOCKER_SKIP_CONF": str(DRACUT_MODULE / "systemd-cryptsetup-skip.conf"),
              "PATH": os.environ["PATH"] + ":/usr/sbin:/sbin"})
     return Initramfs(out, "mkinitcpio-busybox", time.monotonic() - started)

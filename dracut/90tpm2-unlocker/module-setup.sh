@@ -32,6 +32,8 @@ install() {
         mkdir -p "$initdir$systemdsystemunitdir/sysinit.target.wants"
         ln_r "$systemdsystemunitdir/tpm2-unlocker.service" \
             "$systemdsystemunitdir/sysinit.target.wants/tpm2-unlocker.service"
+        inst_simple "$moddir/systemd-cryptsetup-skip.conf" \
+            "$systemdsystemunitdir/systemd-cryptsetup@.service.d/tpm2-unlocker.conf"
     else
         inst_hook initqueue/settled 10 "$moddir/tpm2-unlocker-initqueue.sh"
     fi

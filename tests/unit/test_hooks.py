@@ -39,6 +39,8 @@ def test_build_adds_binary_cryptsetup_modules_rules_runscript_and_unit(tmp_path:
     assert "add_file /usr/lib/systemd/system/tpm2-unlocker.service /usr/lib/systemd/system/tpm2-unlocker.service" in calls
     assert ("add_symlink /usr/lib/systemd/system/sysinit.target.wants/tpm2-unlocker.service "
             "../tpm2-unlocker.service") in calls
+    assert ("add_file /usr/lib/tpm2-unlocker/systemd-cryptsetup-skip.conf "
+            "/usr/lib/systemd/system/systemd-cryptsetup@.service.d/tpm2-unlocker.conf") in calls
     assert "add_binary /usr/lib/x86_64-linux-gnu/libresolv.so.2" in calls
 
 
