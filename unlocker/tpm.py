@@ -61,6 +61,7 @@ _TCTI_LAYER = 0x000A0000
 # The firmware's ACPI table for a TPM 2.0: when present, a missing /dev/tpmrm0 only means its driver
 # has not loaded yet (udev's coldplug is still running beside us at boot).
 ACPI_TPM2_TABLE = "/sys/firmware/acpi/tables/TPM2"
+DEVICE_NODES = ("/dev/tpmrm0", "/dev/tpm0")
 
 
 def resolve_tcti(explicit: str | None, wait: float = 0) -> str:
@@ -74,7 +75,7 @@ def resolve_tcti(explicit: str | None, wait: float = 0) -> str:
     deadline = time.monotonic() + wait
     waited = False
     while True:
-        for dev in ("/dev/tpmrm0", "/dev/tpm0"):
+        for dev in DEVICE_NODES:
             if os.path.exists(dev):
                 return f"device:{dev}"
         if time.monotonic() >= deadline or not os.path.exists(ACPI_TPM2_TABLE):

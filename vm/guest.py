@@ -31,14 +31,15 @@ class ImageKind:
     prompt: str  # regex of the passphrase prompt on the console
 
     def cmdline(self, uuid: str) -> str:
-        if self.name == "mkinitcpio":
+        if self.name.startswith("mkinitcpio"):
             return f"cryptdevice=UUID={uuid}:root root=/dev/mapper/root"
         # systemd initrd: fail fast instead of waiting 90 s for a root that will not come
         return f"rd.luks.uuid={uuid} root=/dev/mapper/luks-{uuid} rd.emergency=poweroff " \
                "systemd.default_timeout_start_sec=30"
 
 
-PROMPTS = {"mkinitcpio": r"Enter passphrase for /dev/vda: ", "dracut": r"Please enter passphrase for disk",
+PROMPTS = {"mkinitcpio": r"Enter passphrase for /dev/vda: ", "mkinitcpio-bare": r"Enter passphrase for /dev/vda: ",
+           "dracut": r"Please enter passphrase for disk",
            "dracut-shell": r"Enter passphrase for /"}
 
 

@@ -40,6 +40,8 @@ def build_artifacts(work: Path, kinds: tuple[str, ...] = ("dracut", "mkinitcpio"
             images[kind] = build_dracut(kernel, binary, out, systemd=True)
         elif kind == "dracut-shell":
             images[kind] = build_dracut(kernel, binary, out, systemd=False)
+        elif kind in ("mkinitcpio", "mkinitcpio-bare"):
+            images[kind] = build_mkinitcpio_busybox(kernel, binary, out, udev=(kind == "mkinitcpio"))
         else:
-            images[kind] = build_mkinitcpio_busybox(kernel, binary, out)
+            raise ValueError(f"unknown image kind {kind}")
     return Artifacts(kernel, binary, images)

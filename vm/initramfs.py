@@ -28,7 +28,7 @@ DRACUT_DRIVERS = "virtio_blk virtio_pci dm_crypt tpm_tis tpm_crb ext4"
 @dataclass(frozen=True)
 class Initramfs:
     path: Path
-    kind: str  # "dracut-systemd", "dracut-shell", "mkinitcpio-busybox"
+    kind: str  # "dracut-systemd", "dracut-shell", "mkinitcpio-busybox", "mkinitcpio-busybox-bare"
     build_seconds: float
 
     @property
@@ -73,11 +73,13 @@ def build_dracut(kernel: Kernel, binary: Path, out: Path, *, systemd: bool = Tru
     return Initramfs(out, kind, time.monotonic() - started)
 
 
-def build_mkinitcpio_busybox(kernel: Kernel, binary: Path, out: Path) -> Initramfs:
-    """Our install script's build() run by minicpio's add_* functions into a busybox image."""
+def build_mkinitcpio_busybox(kernel: Kernel, binary: Path, out: Path, *, udev: bool = True) -> Initramfs:
+    """Our install script's build() run by minicpio's add_* functions into a busybox image, after the
+    harness's udev hook (Arch's default HOOKS have udev; `udev=False` makes a bare image)."""
     started = time.monotonic()
-    run(["bash", MINICPIO / "build.sh", kernel.version, kernel.moddir, REPO / "mkinitcpio", out],
+    run(["bash", MINICPIO / "build.sh", kernel.version, kernel.moddir, REPO / "mkinitcpio", out,
+         "udev" if udev else "bare"],
         env={"TPM2_UNLOCKER_BINARY": str(binary), "TPM2_UNLOCKER_UNIT": str(DRACUT_MODULE / "tpm2-unlocker.service"),
              "TPM2_UNLOCKER_SKIP_CONF": str(DRACUT_MODULE / "systemd-cryptsetup-skip.conf"),
              "PATH": os.environ["PATH"] + ":/usr/sbin:/sbin"})
-    return Initramfs(out, "mkinitcpio-busybox", time.monotonic() - started)
+    return Initramfs(out, "mkinitcpio-busybox" + ("" if udev else "-bare"), time.monotonic() - started)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,20 @@ def test_enroll_with_pcrs_of_sha1_and_sha384_banks(disk: Path, key_file: Path, t
     assert run_cli("unlock", str(disk), "--test", "--tries", "0", tpm=tpm).returncode == 0
     token = next(iter(our_tokens(disk).values()))
     assert token["pcr_bank"] == "sha384" and len(token["pcr_values"]) == 10
+
+
+def test_boot_reads_the_tokens_from_the_header_itself(disk: Path, key_file: Path, tpm: Swtpm) -> None:
+    """At boot the tokens come from our own header reader, not `cryptsetup luksDump`: the same
+    metadata, and it unlocks (in-process, so the metadata handed over is the one used)."""
+    from unlocker.devices import read_luks_header
+    from unlocker.unlock import UnlockOptions, unlock
+
+    enroll(disk, key_file, tpm)
+    header = read_luks_header(str(disk))
+    assert header is not None and header[1] is not None
+    uuid, meta = header
+    luks_uuid = subprocess.run(["cryptsetup", "luksUUID", str(disk)], capture_output=True, check=True)
+    assert uuid == luks_uuid.stdout.decode().strip()
+    assert meta["tokens"] == luks_json(disk)["tokens"]
+    assert meta["keyslots"] == luks_json(disk)["keyslots"]
+    unlock(UnlockOptions(str(disk), "unused", test=True, tries=0, tcti=tpm.tcti, metadata=meta))

@@ -10,7 +10,7 @@ from vm.guest import PASSPHRASE, Guest
 from vm.images import Artifacts, build_artifacts
 from vm.rootfs import build_root_image
 
-KINDS = ("dracut", "mkinitcpio", "dracut-shell")
+KINDS = ("dracut", "mkinitcpio", "dracut-shell", "mkinitcpio-bare")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,17 +1,18 @@
 #!/bin/bash
-# build.sh KERNELVERSION MODULEDIR HOOKDIR OUT: a busybox image made by a mkinitcpio install script.
-# Sources functions.sh (the add_* API), runs `build` of the install hook, adds the base (busybox,
+# build.sh KERNELVERSION MODULEDIR HOOKDIR OUT [udev|bare]: a busybox image made by a mkinitcpio
+# install script. Sources functions.sh (the add_* API), runs `build` of the harness's udev hook (as
+# in Arch's default HOOKS; `bare` leaves it out) and of our install hook, adds the base (busybox,
 # ext4, virtio) and packs the image. For tests where mkinitcpio itself is not packaged.
 set -eo pipefail
 KERNELVERSION=$1
 KERNELROOT=$(cd "$2/../../.." && pwd)
 HOOKDIR=$3
 OUT=$4
-HOOKSDIR=$HOOKDIR/hooks
+FLAVOUR=${5:-udev}
 here=$(cd "$(dirname "$0")" && pwd)
 BUILDROOT=$(mktemp -d)
 trap 'rm -rf "$BUILDROOT"' EXIT
-_modules=() _runhooks=() _earlyhooks=()
+_modules=() _runhooks=() _earlyhooks=() _cleanuphooks=()
 . "$here/functions.sh"
 
 # the layout of an Arch image: /bin, /sbin, /usr/sbin -> usr/bin; /lib, /lib64 -> usr/lib
@@ -25,15 +26,21 @@ map add_module virtio_pci virtio_blk ext4
 # the hooks' own modules load on demand (modprobe)
 base_modules=("${_modules[@]}")
 
-for hook in tpm2-unlocker; do
-    _hook_name=$hook
+hooks=("tpm2-unlocker:$HOOKDIR")
+[[ $FLAVOUR == udev ]] && hooks=("udev:$here" "${hooks[@]}")
+for entry in "${hooks[@]}"; do
+    _hook_name=${entry%%:*}
+    HOOKSDIR=${entry#*:}/hooks
     unset -f build help
-    . "$HOOKDIR/install/$hook"
+    . "${entry#*:}/install/$_hook_name"
     build
 done
 
 add_file "$here/init" /init 755
-printf 'COLDPLUG="%s"\nEARLYHOOKS="%s"\nHOOKS="%s"\n' "${base_modules[*]}" "${_earlyhooks[*]}" "${_runhooks[*]}" \
-    > "$BUILDROOT/config"
+# without udev, /init loads the disk's modules itself where udev's coldplug would
+coldplug=("${base_modules[@]}")
+[[ $FLAVOUR == udev ]] && coldplug=()
+printf 'COLDPLUG="%s"\nEARLYHOOKS="%s"\nHOOKS="%s"\nCLEANUPHOOKS="%s"\n' "${coldplug[*]}" "${_earlyhooks[*]}" \
+    "${_runhooks[*]}" "${_cleanuphooks[*]}" > "$BUILDROOT/config"
 depmod -b "$BUILDROOT" "$KERNELVERSION"
 (cd "$BUILDROOT" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet | gzip -6) > "$OUT"
