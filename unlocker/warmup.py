@@ -19,21 +19,27 @@ from .run import run, which
 DEFAULT_CIPHER = "xts(aes)"
 
 
-def _instantiate_cipher(cipher: str) -> None:
+def _instantiate_cipher(cipher: str) -> bool:
     """Bind an AF_ALG skcipher socket: the kernel loads af_alg, algif_skcipher and the cipher's modules."""
     try:
         with socket.socket(socket.AF_ALG, socket.SOCK_SEQPACKET, 0) as alg:
             alg.bind(("skcipher", cipher))
     except OSError as exc:
         trace(f"warm-up: {cipher} via AF_ALG not available ({exc.strerror})")
+        return False
+    return True
 
 
 def _warm_up(cipher: str) -> None:
-    modprobe = which("modprobe")
-    if modprobe:
-        run([modprobe, "-q", "-a", "dm_crypt"])
-    _instantiate_cipher(cipher)
-    trace("warm-up: dm-crypt and the cipher are loaded")
+    try:
+        modprobe = which("modprobe")
+        if modprobe:
+            run([modprobe, "-q", "-a", "dm_crypt"])
+        loaded = _instantiate_cipher(cipher)
+    except Exception as exc:  # a head start only: never a traceback on the boot console
+        trace(f"warm-up: stopped ({type(exc).__name__}: {exc})")
+        return
+    trace("warm-up: dm-crypt and the cipher are loaded" if loaded else "warm-up: done without the cipher")
 
 
 def start(cipher: str = DEFAULT_CIPHER) -> threading.Thread:
