@@ -47,7 +47,7 @@ def test_build_adds_binary_cryptsetup_modules_rules_runscript_and_unit(tmp_path:
 def test_help_documents_every_kernel_parameter(tmp_path: Path) -> None:
     text, _ = run_install(tmp_path, "help")
     for parameter in ("cryptdevice=", "rd.luks.uuid=", "rd.luks.name=", "rd.luks=0", "tpm2_unlocker.tries=",
-                      "tpm2_unlocker.timeout="):
+                      "tpm2_unlocker.timeout=", "tpm2_unlocker.debug"):
         assert parameter in text
 
 
