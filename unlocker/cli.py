@@ -43,12 +43,14 @@ def verb_unlock(opts: argparse.Namespace) -> int:
 
     if opts.tries < 0:
         raise UsageError("--tries must be 0 or more")
+    if opts.no_tpm and opts.tries == 0:
+        raise UsageError("--no-tpm with --tries 0 would open nothing")
     if opts.device is None:
         if opts.test or opts.name:
             raise UsageError("--test and NAME need a DEVICE")
-        unlock_at_boot(BootOptions(opts.tries, opts.tcti, opts.timeout))
+        unlock_at_boot(BootOptions(opts.tries, opts.tcti, opts.timeout, use_tpm=not opts.no_tpm))
     else:
-        unlock(UnlockOptions(opts.device, opts.name, opts.test, opts.tries, opts.tcti))
+        unlock(UnlockOptions(opts.device, opts.name, opts.test, opts.tries, opts.tcti, use_tpm=not opts.no_tpm))
     return EXIT_OK
 
 
@@ -124,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tries", type=int, default=3, help="passphrase attempts after a TPM failure (default 3; "
                    "0: TPM only, leave the device closed for systemd-cryptsetup)")
     p.add_argument("--timeout", type=float, default=30, help="seconds to wait for boot devices (default 30)")
+    p.add_argument("--no-tpm", action="store_true", help="ask for the passphrase without trying the TPM "
+                   "(a first run with --tries 0 tried it and said why it failed)")
 
     p = verb("reseal", verb_reseal, "seal the key to the current PCR values (after an update)")
     p.add_argument("device")
@@ -172,9 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        say(exc.message)
-        if exc.hint:
-            hint(exc.hint)
+        if not exc.said:
+            say(exc.message)
+            if exc.hint:
+                hint(exc.hint)
         return exc.exit_code
     except KeyboardInterrupt:
         say("interrupted")

@@ -20,6 +20,8 @@ class UnlockerError(Exception):
     """Base of every error a user may see. `message` is one line, without a trailing period."""
 
     exit_code = EXIT_USAGE
+    # True once its line (and hint) reached the user: cli then only turns it into the exit code
+    said = False
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -28,6 +30,10 @@ class UnlockerError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    def as_said(self) -> UnlockerError:
+        self.said = True
+        return self
 
 
 class UsageError(UnlockerError):

@@ -27,6 +27,8 @@ class UnlockOptions:
     metadata: dict | None = None
     # seconds to wait for the TPM's device node (at boot, its driver may still be loading)
     tpm_wait: float = 0
+    # False: straight to the passphrase (a first run tried the TPM and said why it failed)
+    use_tpm: bool = True
 
 
 def explain_policy_failure(tpm: Tpm, token: Token, exc: PolicyError) -> PolicyError:
@@ -84,31 +86,35 @@ def unlock(opts: UnlockOptions) -> None:
         device.seed_metadata(opts.metadata)
     device.metadata()
     name = opts.name or f"luks-{device.uuid()}"
-    try:
-        key, token = unseal_any(device, opts.tcti, opts.tpm_wait)
-        with key:
-            if not open_or_test(device, key, name, token.keyslot, opts.test):
-                raise CorruptError(f"the unsealed key does not open keyslot {token.keyslot}")
-        say(f"{opts.device}: unlocked with the TPM" + (" (test only)" if opts.test else f" as {name}"))
-        return
-    except UnlockerError as exc:
-        reason = exc
-    say(f"{opts.device}: TPM unlock failed: {reason}")
-    if reason.hint:
-        say(f"hint: {reason.hint}")
+    # what a failure exits with when no passphrase opens the disk either: the TPM's reason, if any
+    failure: type[UnlockerError] = WrongPassphraseError
+    if opts.use_tpm:
+        try:
+            key, token = unseal_any(device, opts.tcti, opts.tpm_wait)
+            with key:
+                if not open_or_test(device, key, name, token.keyslot, opts.test):
+                    raise CorruptError(f"the unsealed key does not open keyslot {token.keyslot}")
+            say(f"{opts.device}: unlocked with the TPM" + (" (test only)" if opts.test else f" as {name}"))
+            return
+        except UnlockerError as exc:
+            failure = type(exc)
+            say(f"{opts.device}: TPM unlock failed: {exc}")
+            if exc.hint:
+                say(f"hint: {exc.hint}")
+        if opts.tries == 0:
+            # TPM only: the line above said why; the device stays closed for whoever asks next
+            raise failure(f"{opts.device}: not unlocked").as_said()
     for attempt in range(opts.tries):
         passphrase = ask_passphrase(f"Enter passphrase for {opts.device}: ")
         if passphrase is None:
             # Nobody can answer: exit with the TPM failure's own code (its line was said above).
-            raise type(reason)(f"{opts.device}: not unlocked (no passphrase given)")
+            raise failure(f"{opts.device}: not unlocked (no passphrase given)")
         with passphrase:
             ok = open_or_test(device, passphrase, name, None, opts.test)
         if ok:
             say(f"{opts.device}: unlocked with the passphrase" + (" (test only)" if opts.test else f" as {name}"))
             return
         say(f"wrong passphrase ({attempt + 1} of {opts.tries})")
-    if opts.tries == 0:
-        raise type(reason)(f"{opts.device}: not unlocked (no passphrase prompt with --tries 0)")
     raise WrongPassphraseError(f"{opts.device}: no passphrase opened the disk after {opts.tries} tries")
 
 
@@ -117,6 +123,7 @@ class BootOptions:
     tries: int
     tcti: str | None
     timeout: float
+    use_tpm: bool = True
 
 
 def unlock_at_boot(opts: BootOptions) -> int:
@@ -151,11 +158,14 @@ def unlock_at_boot(opts: BootOptions) -> int:
             continue
         try:
             unlock(UnlockOptions(path, name, False, opts.tries, opts.tcti, header[1] if header else None,
-                                 tpm_wait=opts.timeout))
+                                 tpm_wait=opts.timeout, use_tpm=opts.use_tpm))
             opened += 1
         except UnlockerError as exc:
-            say(exc.message)
+            if not exc.said:
+                say(exc.message)
             failures.append(exc)
+    if len(failures) == 1 and len(targets) == 1:
+        raise failures[0].as_said()
     if failures:
         # each failure was said above; the exit code is the first one's
         raise type(failures[0])(f"{len(failures)} of {len(targets)} device(s) not opened")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pexpect
@@ -11,6 +10,7 @@ import pytest
 from helpers import (
     PASSPHRASE,
     Swtpm,
+    cli_env,
     free_port_pair,
     luks_json,
     opens,
@@ -27,9 +27,7 @@ pytestmark = pytest.mark.tpm
 
 def spawn_unlock(disk: Path, tcti: str, *extra: str) -> pexpect.spawn:
     cmd = unlocker_command()
-    env = dict(os.environ, TPM2_UNLOCKER_TCTI=tcti)
-    env.pop("TPM2TOOLS_TCTI", None)
-    return pexpect.spawn(cmd[0], [*cmd[1:], "unlock", str(disk), "--test", *extra], env=env, timeout=60)
+    return pexpect.spawn(cmd[0], [*cmd[1:], "unlock", str(disk), "--test", *extra], env=cli_env(tcti), timeout=60)
 
 
 def test_unlock_falls_back_to_passphrase_when_pcr7_changed(disk: Path, key_file: Path, tpm: Swtpm) -> None:
@@ -52,6 +50,32 @@ def test_pcr_change_without_anyone_to_answer_exits_3(disk: Path, key_file: Path,
     assert done.returncode == 3
     assert b"PCR 7 changed since enrolment" in done.stderr
     assert b"Traceback" not in done.stderr
+
+
+def test_tpm_only_failure_says_why_once_and_nothing_more(disk: Path, key_file: Path, tpm: Swtpm) -> None:
+    """--tries 0 (the initrd unit's first run): the reason and its hint, exit 3, no echo lines after."""
+    enroll(disk, key_file, tpm)
+    tpm.extend(7)
+    done = run_cli("unlock", str(disk), "--test", "--tries", "0", tpm=tpm)
+    assert done.returncode == 3
+    lines = done.stderr.decode().splitlines()
+    assert lines == [f"tpm2-unlocker: {disk}: TPM unlock failed: PCR 7 changed since enrolment (sha256 bank)",
+                     "tpm2-unlocker: hint: after an intended update, run 'tpm2-unlocker reseal' once booted"]
+
+
+def test_no_tpm_goes_straight_to_the_passphrase(disk: Path, key_file: Path, tpm: Swtpm) -> None:
+    """--no-tpm (the busybox hook's second run): no TPM line, the prompt, the passphrase opens."""
+    enroll(disk, key_file, tpm)
+    child = spawn_unlock(disk, tpm.tcti, "--no-tpm")
+    index = child.expect(["TPM unlock", "Enter passphrase for "])
+    assert index == 1, "--no-tpm must not try the TPM"
+    child.sendline(PASSPHRASE)
+    child.expect("unlocked with the passphrase")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    refused = run_cli("unlock", str(disk), "--test", "--no-tpm", "--tries", "0", tpm=tpm)
+    assert refused.returncode == 1 and b"--no-tpm with --tries 0" in refused.stderr
 
 
 def test_wrong_passphrase_three_times_exits_6_and_disk_unchanged(disk: Path, key_file: Path, tpm: Swtpm) -> None:

@@ -88,6 +88,12 @@ def test_runtime_hook_tpm_success_in_the_background_needs_no_second_run(tmp_path
 
 def test_runtime_hook_asks_in_the_foreground_after_a_tpm_failure(tmp_path: Path) -> None:
     out, calls = run_runtime_hook(tmp_path, rc_first=3, rc_second=0)
+    assert calls == ["unlock --tries 0 --timeout 30", "unlock --tries 3 --timeout 30 --no-tpm"]
+    assert "ERROR" not in out
+
+
+def test_runtime_hook_tries_the_tpm_again_for_a_device_that_came_late(tmp_path: Path) -> None:
+    out, calls = run_runtime_hook(tmp_path, rc_first=8, rc_second=0)  # 8: device not found in time
     assert calls == ["unlock --tries 0 --timeout 30", "unlock --tries 3 --timeout 30"]
     assert "ERROR" not in out
 
