@@ -124,12 +124,12 @@ def cmdline_extra(variant: str) -> str:
 
 
 def boot_variant(kernel: Kernel, image: Initramfs, variant: str, root: RootImage, state: Path, work: Path,
-                 name: str) -> Sample:
+                 name: str, cpus: int = 1) -> Sample:
     # Clevis answers the systemd prompt itself: for it, a prompt is not a failure to react to.
     prompt = "TPM2U-NO-PROMPT-EXPECTED" if variant == "clevis" else \
         r"Enter passphrase for /dev/vda: |Please enter passphrase for disk"
     kind = ImageKind("mkinitcpio" if variant == "ours-mkinitcpio" else "dracut", image.path, prompt)
-    guest = Guest(kernel, kind, root, state, work)
+    guest = Guest(kernel, kind, root, state, work, cpus)
     answers = [PASSPHRASE] if variant == "passphrase" else []
     result = guest.run_boot(name, answers=answers, extra=cmdline_extra(variant))
     if variant != "passphrase" and result.prompted:
@@ -216,6 +216,8 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--work", type=Path)
     parser.add_argument("--host-only", action="store_true")
+    parser.add_argument("--cpus", type=int, default=1,
+                        help="emulated CPUs per guest (default 1; TCG runs them on host threads)")
     opts = parser.parse_args()
     variants = [v for v in opts.variants.split(",") if v]
     unknown = set(variants) - set(VARIANTS)
@@ -250,7 +252,7 @@ def main() -> None:
         for v in variants:
             clear_lockout(state)
             root = RootImage(work / v / "root.img", golden.uuid, PASSPHRASE)
-            sample = boot_variant(kernel, images[v], v, root, state, work / v, f"boot{i}")
+            sample = boot_variant(kernel, images[v], v, root, state, work / v, f"boot{i}", opts.cpus)
             results[v].samples.append(sample)
             print(f"  boot {i + 1}/{opts.boots} {v}: window {sample.window}, kernel-probe window "
                   f"{sample.kernel_window}, unlocked at {sample.unlocked}, root {sample.root}", flush=True)

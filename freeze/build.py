@@ -1,7 +1,8 @@
 """Build the frozen one-file `tpm2-unlocker` with PyInstaller: `python -m freeze.build [--out DIR]`.
 
-Reproducible inputs: this repository, the pinned tpm2-pytss built against Debian's tss2, and the
-TCTI modules tpm2-tss loads with dlopen (bundled explicitly: PyInstaller cannot see dlopen). It
+Reproducible inputs: this repository, the pinned tpm2-pytss built against Debian's tss2 (of which
+only its compiled cffi module is bundled: unlocker/tss.py loads it by path, PyInstaller cannot see
+that), and the TCTI modules tpm2-tss loads with dlopen (bundled explicitly for the same reason). It
 unpacks under /run at start (an initramfs has no /tmp we can count on).
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -22,10 +24,21 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNTIME_TMPDIR = "/run/tpm2-unlocker"
 TCTIS = ("device", "swtpm", "mssim", "pcap")
 # Not on the boot path: keep them out of the bundle (start-up time grows with bundle size).
-EXCLUDES = ("cryptography", "tkinter", "unittest", "pydoc", "doctest", "lib2to3", "xmlrpc", "sqlite3",
+EXCLUDES = ("tpm2_pytss", "cryptography", "tkinter", "unittest", "pydoc", "doctest", "lib2to3", "xmlrpc", "sqlite3",
             "multiprocessing", "asyncio", "curses", "distutils", "setuptools", "pip", "pytest", "pexpect",
             "yaml", "pkg_resources", "ssl", "_ssl", "decimal", "_decimal", "unicodedata", "_multibytecodec",
             "_codecs_jp", "_codecs_kr", "_codecs_tw", "_codecs_cn", "_codecs_hk", "_codecs_iso2022", "bz2", "lzma")
+
+
+def tss_extension() -> str:
+    """tpm2-pytss's compiled cffi module (found without importing the package)."""
+    spec = importlib.util.find_spec("tpm2_pytss")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("tpm2-pytss is not installed (./run setup)")
+    found = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "_libtpm2_pytss*.so"))
+    if not found:
+        raise SystemExit("tpm2-pytss has no compiled _libtpm2_pytss module")
+    return found[0]
 
 
 def tcti_libraries() -> list[str]:
@@ -54,9 +67,9 @@ def write_spec(work: Path) -> Path:
             "--specpath", str(work), "--paths", str(ROOT)]
     for lib in tcti_libraries():
         args += ["--add-binary", f"{lib}:."]
+    args += ["--add-binary", f"{tss_extension()}:tpm2_pytss", "--hidden-import", "_cffi_backend"]
     for module in EXCLUDES:
         args += ["--exclude-module", module]
-    args += ["--runtime-hook", str(ROOT / "freeze" / "rthooks" / "no_cryptography.py")]
     args.append(str(ROOT / "freeze" / "entry.py"))
     subprocess.run(args, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     spec = work / "tpm2-unlocker.spec"

@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from . import __version__
 from .errors import EXIT_OK, EXIT_USAGE, UnlockerError, UsageError
-from .log import hint, say, setup_logging, trace
+from .log import hint, say, set_debug, trace
 from .policy import DEFAULT_PCRS, PcrSelection
 
 
@@ -164,7 +164,7 @@ def _debug_on_cmdline() -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or _debug_on_cmdline()
-    setup_logging(debug)
+    set_debug(debug)
     trace(f"tpm2-unlocker {__version__}: {' '.join(args)}")
     try:
         opts = build_parser().parse_args(args)

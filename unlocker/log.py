@@ -6,12 +6,12 @@ step, stamped with the system uptime so it lines up with the kernel's and system
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 
 PREFIX = "tpm2-unlocker: "
-log = logging.getLogger("tpm2-unlocker")
+# no `logging`: with the traceback module it pulls in, it cost more at start-up than this whole file
+_debug = False
 
 
 def say(message: str) -> None:
@@ -22,18 +22,11 @@ def hint(message: str) -> None:
     print("  hint: " + message, file=sys.stderr, flush=True)
 
 
-class _UptimeFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return f"{PREFIX}[{time.clock_gettime(time.CLOCK_BOOTTIME):9.3f}] {record.getMessage()}"
-
-
-def setup_logging(debug: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_UptimeFormatter())
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG if debug else logging.WARNING)
-    log.propagate = False
+def set_debug(debug: bool) -> None:
+    global _debug
+    _debug = debug
 
 
 def trace(message: str) -> None:
-    log.debug(message)
+    if _debug:
+        print(f"{PREFIX}[{time.clock_gettime(time.CLOCK_BOOTTIME):9.3f}] {message}", file=sys.stderr, flush=True)

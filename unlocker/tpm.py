@@ -1,4 +1,4 @@
-"""The only importer of tpm2_pytss: connect, SRK, seal/unseal, NV, PCRs, sessions.
+"""Everything we ask of a TPM: connect, SRK, seal/unseal, NV, PCRs, sessions (ESAPI through tss.py).
 
 Every transient handle is flushed (swtpm and /dev/tpm0 have no resource manager). Every unseal and
 NV read runs over a policy session salted with the SRK and with parameter encryption, so the secret
@@ -16,40 +16,12 @@ from dataclasses import dataclass
 # tpm2-tss logs every TPM error on stderr; we report our own one line instead.
 os.environ.setdefault("TSS2_LOG", "all+NONE")
 
-from typing import Self
-
-from tpm2_pytss import ESAPI, TSS2_Exception
-from tpm2_pytss.constants import (
-    ESYS_TR,
-    TPM2_ALG,
-    TPM2_CAP,
-    TPM2_PT,
-    TPM2_RC,
-    TPM2_SE,
-    TPMA_NV,
-    TPMA_OBJECT,
-    TPMA_SESSION,
-)
-from tpm2_pytss.types import (
-    TPM2B_AUTH,
-    TPM2B_DIGEST,
-    TPM2B_MAX_NV_BUFFER,
-    TPM2B_NV_PUBLIC,
-    TPM2B_PRIVATE,
-    TPM2B_PUBLIC,
-    TPM2B_SENSITIVE_CREATE,
-    TPM2B_SENSITIVE_DATA,
-    TPML_PCR_SELECTION,
-    TPMS_NV_PUBLIC,
-    TPMS_SENSITIVE_CREATE,
-    TPMT_PUBLIC,
-    TPMT_SYM_DEF,
-)
-
+from . import tss
 from .errors import CorruptError, LockoutError, NoTpmError, PolicyError, UsageError
 from .log import trace
-from .policy import PcrSelection
+from .policy import BANKS, PcrSelection
 from .secret import Secret
+from .tss import TssError, lib
 
 SRK_PERSISTENT_HANDLE = 0x81000001
 MAX_SEALED = 128  # TPM2B_SENSITIVE_DATA limit
@@ -111,39 +83,69 @@ class NvInfo:
     no_da: bool
 
 
+# tpm2-tools' tpm2_createprimary default: fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth|
+# restricted|decrypt
+_TPM2_TOOLS_PRIMARY_ATTRS = (lib.TPMA_OBJECT_FIXEDTPM | lib.TPMA_OBJECT_FIXEDPARENT
+                             | lib.TPMA_OBJECT_SENSITIVEDATAORIGIN | lib.TPMA_OBJECT_USERWITHAUTH
+                             | lib.TPMA_OBJECT_RESTRICTED | lib.TPMA_OBJECT_DECRYPT)
 # Our SRK: the ECC P-256 storage primary of `tpm2_createprimary -C o -G ecc`, plus noDA (as the TCG
 # provisioning guidance and systemd have it). Without noDA every use of the SRK marks the boot as
 # DA-relevant, and each power cut then counts towards lockout: measured, lockout on the 4th cut.
-SRK_TCG_ATTRS = TPMA_OBJECT.DEFAULT_TPM2_TOOLS_CREATEPRIMARY_ATTRS | TPMA_OBJECT.NODA
-# tpm2-tools' default template (no noDA): the parent of objects made by the ArchWiki recipe.
-SRK_TPM2_TOOLS_ATTRS = TPMA_OBJECT.DEFAULT_TPM2_TOOLS_CREATEPRIMARY_ATTRS
-SRK_TEMPLATES = {"tcg": SRK_TCG_ATTRS, "tpm2-tools": SRK_TPM2_TOOLS_ATTRS}
+# The other: tpm2-tools' own (no noDA), the parent of objects made by the ArchWiki recipe.
+SRK_TEMPLATES = {"tcg": _TPM2_TOOLS_PRIMARY_ATTRS | lib.TPMA_OBJECT_NODA, "tpm2-tools": _TPM2_TOOLS_PRIMARY_ATTRS}
+_SEAL_ATTRS = lib.TPMA_OBJECT_FIXEDTPM | lib.TPMA_OBJECT_FIXEDPARENT | lib.TPMA_OBJECT_NODA
 
 
-def _srk_template(kind: str) -> TPM2B_PUBLIC:
-    return TPM2B_PUBLIC.parse("ecc256:aes128cfb", objectAttributes=SRK_TEMPLATES[kind])
+def srk_template(kind: str) -> object:
+    """TPM2B_PUBLIC of an ECC P-256 storage key with AES-128-CFB, as tpm2-tools' "ecc256:aes128cfb"."""
+    public = tss.new("TPM2B_PUBLIC *")
+    area = public.publicArea
+    area.type = lib.TPM2_ALG_ECC
+    area.nameAlg = lib.TPM2_ALG_SHA256
+    area.objectAttributes = SRK_TEMPLATES[kind]
+    ecc = area.parameters.eccDetail
+    ecc.symmetric.algorithm = lib.TPM2_ALG_AES
+    ecc.symmetric.keyBits.aes = 128
+    ecc.symmetric.mode.aes = lib.TPM2_ALG_CFB
+    ecc.scheme.scheme = lib.TPM2_ALG_NULL
+    ecc.curveID = lib.TPM2_ECC_NIST_P256
+    ecc.kdf.scheme = lib.TPM2_ALG_NULL
+    return public
 
 
-def _tpm_error(exc: TSS2_Exception, doing: str) -> Exception:
+def _pcr_selection(selection: PcrSelection) -> object:
+    """TPML_PCR_SELECTION of one bank (three select bytes: PCRs 0-23)."""
+    tpml = tss.new("TPML_PCR_SELECTION *")
+    tpml.count = 1
+    tpml.pcrSelections[0].hash = BANKS[selection.bank][0]
+    tpml.pcrSelections[0].sizeofSelect = 3
+    for p in selection.pcrs:
+        tpml.pcrSelections[0].pcrSelect[p // 8] |= 1 << (p % 8)
+    return tpml
+
+
+def _tpm_error(exc: TssError, doing: str) -> Exception:
     """Turn a TSS2 error into ours, with one line saying what failed."""
-    rc = int(exc.rc)
+    rc = exc.rc
     if rc & _TCTI_LAYER_MASK == _TCTI_LAYER:
         return NoTpmError(f"the TPM stopped answering while {doing} ({exc})")
-    base = int(exc.error) if exc.error else rc
-    if base == TPM2_RC.LOCKOUT:
+    base = exc.error or rc
+    if base == lib.TPM2_RC_LOCKOUT:
         return LockoutError("the TPM is in dictionary-attack lockout",
                             hint="it recovers by itself after its recovery time; "
                                  "tpm2_dictionarylockout --clear-lockout resets it")
-    if base in (TPM2_RC.POLICY_FAIL, TPM2_RC.PCR_CHANGED, TPM2_RC.VALUE) and doing.startswith(("unsealing", "reading NV")):
+    if base in (lib.TPM2_RC_POLICY_FAIL, lib.TPM2_RC_PCR_CHANGED, lib.TPM2_RC_VALUE) \
+            and doing.startswith(("unsealing", "reading NV")):
         return PolicyError(f"the PCR policy is not satisfied while {doing}")
-    if base in (TPM2_RC.AUTH_FAIL, TPM2_RC.BAD_AUTH):
+    if base in (lib.TPM2_RC_AUTH_FAIL, lib.TPM2_RC_BAD_AUTH):
         return PolicyError(f"the TPM refused the authorisation while {doing}")
-    if base in (TPM2_RC.INTEGRITY, TPM2_RC.BINDING, TPM2_RC.SIZE, TPM2_RC.INSUFFICIENT, TPM2_RC.KEY, TPM2_RC.TYPE,
-                TPM2_RC.ATTRIBUTES, TPM2_RC.HASH, TPM2_RC.SYMMETRIC, TPM2_RC.SCHEME):
+    if base in (lib.TPM2_RC_INTEGRITY, lib.TPM2_RC_BINDING, lib.TPM2_RC_SIZE, lib.TPM2_RC_INSUFFICIENT,
+                lib.TPM2_RC_KEY, lib.TPM2_RC_TYPE, lib.TPM2_RC_ATTRIBUTES, lib.TPM2_RC_HASH,
+                lib.TPM2_RC_SYMMETRIC, lib.TPM2_RC_SCHEME):
         return CorruptError(f"the sealed object is damaged or not ours ({exc}) while {doing}")
-    if base == TPM2_RC.HANDLE and doing.startswith("reading NV"):
+    if base == lib.TPM2_RC_HANDLE and doing.startswith("reading NV"):
         return CorruptError(f"the NV index does not exist while {doing}")
-    if base == TPM2_RC.NV_DEFINED:
+    if base == lib.TPM2_RC_NV_DEFINED:
         return UsageError(f"the NV index is already defined while {doing}")
     return NoTpmError(f"the TPM refused {doing}: {exc}")
 
@@ -154,17 +156,15 @@ class Tpm:
     def __init__(self, tcti: str) -> None:
         self.tcti = tcti
         try:
-            self._esys = ESAPI(tcti)
-        except TSS2_Exception as exc:
+            self._esys = tss.Esys(tcti)
+        except TssError as exc:
             raise NoTpmError(f"cannot reach the TPM at '{tcti}' ({exc})") from None
-        except Exception as exc:  # TCTI loader errors surface as plain exceptions in some versions
-            raise NoTpmError(f"cannot reach the TPM at '{tcti}' ({exc})") from None
-        self._srk: ESYS_TR | None = None
+        self._srk: int | None = None
         self._srk_transient = False
         self._srk_for_sealing = False
         self._srk_name = b""
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> Tpm:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -172,43 +172,60 @@ class Tpm:
 
     def close(self) -> None:
         if self._srk is not None and self._srk_transient:
-            self._flush(self._srk)
+            self._esys.flush(self._srk)
         self._srk = None
-        try:
-            self._esys.close()
-        except Exception:
-            pass
-
-    def _flush(self, handle: ESYS_TR) -> None:
-        try:
-            self._esys.flush_context(handle)
-        except TSS2_Exception:
-            pass
+        self._esys.close()
 
     # --- SRK and sessions -----------------------------------------------------------------------
-    def _set_srk(self, handle: ESYS_TR, transient: bool, for_sealing: bool) -> None:
+    def _set_srk(self, handle: int, transient: bool, for_sealing: bool) -> None:
         if self._srk is not None and self._srk_transient:
-            self._flush(self._srk)
+            self._esys.flush(self._srk)
         self._srk, self._srk_transient, self._srk_for_sealing = handle, transient, for_sealing
-        self._srk_name = bytes(self._esys.tr_get_name(handle))
+        self._srk_name = self._esys.name(handle)
 
-    def _current_srk(self) -> ESYS_TR:
+    def _current_srk(self) -> int:
         """The SRK selected last (by check_srk for an unseal), else the sealing one."""
         return self._srk if self._srk is not None else self.srk()
 
-    def _persistent_srk(self) -> tuple[ESYS_TR, bool] | None:
+    def _handles(self, first: int, count: int) -> tuple[list[int], bool]:
+        """Handles from `first` on (at most `count`), and whether the TPM has more."""
+        more = tss.new("TPMI_YES_NO *")
+        data = tss.new("TPMS_CAPABILITY_DATA **")
+        self._esys.call("GetCapability", tss.NONE, tss.NONE, tss.NONE, lib.TPM2_CAP_HANDLES, first, count,
+                        more, data)
+        try:
+            handles = data[0].data.handles
+            return [handles.handle[i] for i in range(handles.count)], bool(more[0])
+        finally:
+            tss.free(data[0])
+
+    def _from_tpm_public(self, handle: int) -> int:
+        out = tss.new("ESYS_TR *")
+        self._esys.call("TR_FromTPMPublic", handle, tss.NONE, tss.NONE, tss.NONE, out)
+        return out[0]
+
+    def _persistent_srk(self) -> tuple[int, bool] | None:
         """0x81000001 if present, with whether it has noDA."""
-        if SRK_PERSISTENT_HANDLE not in self._persistent_handles():
+        handles, _ = self._handles(SRK_PERSISTENT_HANDLE, 1)
+        if SRK_PERSISTENT_HANDLE not in handles:
             return None
-        handle = self._esys.tr_from_tpmpublic(SRK_PERSISTENT_HANDLE)
-        public, _, _ = self._esys.read_public(handle)
-        return handle, bool(public.publicArea.objectAttributes & TPMA_OBJECT.NODA)
+        handle = self._from_tpm_public(SRK_PERSISTENT_HANDLE)
+        public = tss.new("TPM2B_PUBLIC **")
+        self._esys.call("ReadPublic", handle, tss.NONE, tss.NONE, tss.NONE, public, tss.ffi.NULL, tss.ffi.NULL)
+        try:
+            return handle, bool(public[0].publicArea.objectAttributes & lib.TPMA_OBJECT_NODA)
+        finally:
+            tss.free(public[0])
 
-    def _create_srk(self, kind: str) -> ESYS_TR:
-        handle, _, _, _, _ = self._esys.create_primary(TPM2B_SENSITIVE_CREATE(), _srk_template(kind), ESYS_TR.OWNER)
-        return handle
+    def _create_srk(self, kind: str) -> int:
+        out = tss.new("ESYS_TR *")
+        self._esys.call("CreatePrimary", lib.ESYS_TR_RH_OWNER, tss.PASSWORD, tss.NONE, tss.NONE,
+                        tss.new("TPM2B_SENSITIVE_CREATE *"), srk_template(kind), tss.new("TPM2B_DATA *"),
+                        tss.new("TPML_PCR_SELECTION *"), out, tss.ffi.NULL, tss.ffi.NULL, tss.ffi.NULL,
+                        tss.ffi.NULL)
+        return out[0]
 
-    def srk(self) -> ESYS_TR:
+    def srk(self) -> int:
         """The SRK new keys are sealed under: 0x81000001 when present and noDA, else our noDA primary."""
         if self._srk is not None and self._srk_for_sealing:
             return self._srk
@@ -218,7 +235,7 @@ class Tpm:
                 self._set_srk(persistent[0], transient=False, for_sealing=True)
             else:
                 self._set_srk(self._create_srk("tcg"), transient=True, for_sealing=True)
-        except TSS2_Exception as exc:
+        except TssError as exc:
             raise _tpm_error(exc, "creating the storage root key") from None
         return self._srk  # type: ignore[return-value]
 
@@ -242,14 +259,14 @@ class Tpm:
             if self._srk is not None and self._srk_name == expected:
                 return
             persistent = self._persistent_srk()
-            if persistent is not None and bytes(self._esys.tr_get_name(persistent[0])) == expected:
+            if persistent is not None and self._esys.name(persistent[0]) == expected:
                 self._set_srk(persistent[0], transient=False, for_sealing=persistent[1])
                 return
             for kind in SRK_TEMPLATES:
                 self._set_srk(self._create_srk(kind), transient=True, for_sealing=kind == "tcg")
                 if self._srk_name == expected:
                     return
-        except TSS2_Exception as exc:
+        except TssError as exc:
             raise _tpm_error(exc, "creating the storage root key") from None
         raise NoTpmError("this TPM's storage root key is not the one the key was sealed under "
                          "(a different or cleared TPM)")
@@ -258,28 +275,42 @@ class Tpm:
         """Select tpm2-tools' default primary, the parent of objects made by the ArchWiki recipe."""
         try:
             self._set_srk(self._create_srk("tpm2-tools"), transient=True, for_sealing=False)
-        except TSS2_Exception as exc:
+        except TssError as exc:
             raise _tpm_error(exc, "creating the storage root key") from None
 
-    def _persistent_handles(self) -> set[int]:
-        _more, data = self._esys.get_capability(TPM2_CAP.HANDLES, 0x81000000, 64)
-        return {int(h) for h in data.data.handles}
+    def _start_session(self, session_type: int, salted: bool) -> int:
+        """A session (salted with the SRK: encrypting the first command and response parameter)."""
+        out = tss.new("ESYS_TR *")
+        symmetric = tss.new("TPMT_SYM_DEF *")
+        if salted:
+            symmetric.algorithm = lib.TPM2_ALG_AES
+            symmetric.keyBits.aes = 128
+            symmetric.mode.aes = lib.TPM2_ALG_CFB
+        else:
+            symmetric.algorithm = lib.TPM2_ALG_NULL
+        self._esys.call("StartAuthSession", self._current_srk() if salted else tss.NONE, tss.NONE, tss.NONE,
+                        tss.NONE, tss.NONE, tss.ffi.NULL, session_type, symmetric, lib.TPM2_ALG_SHA256, out)
+        session = out[0]
+        if salted:
+            try:
+                flags = lib.TPMA_SESSION_CONTINUESESSION | lib.TPMA_SESSION_ENCRYPT | lib.TPMA_SESSION_DECRYPT
+                self._esys.call("TRSess_SetAttributes", session, flags, 0xFF)
+            except TssError:
+                self._esys.flush(session)
+                raise
+        return session
 
     @contextmanager
-    def _salted_session(self, session_type: TPM2_SE) -> Iterator[ESYS_TR]:
-        """A session salted with the SRK, encrypting the first command and response parameter."""
-        session = self._esys.start_auth_session(
-            tpm_key=self._current_srk(), bind=ESYS_TR.NONE, session_type=session_type,
-            symmetric=TPMT_SYM_DEF.parse("aes128cfb"), auth_hash=TPM2_ALG.SHA256)
+    def _salted_session(self, session_type: int) -> Iterator[int]:
+        session = self._start_session(session_type, salted=True)
         try:
-            self._esys.trsess_set_attributes(
-                session, TPMA_SESSION.CONTINUESESSION | TPMA_SESSION.ENCRYPT | TPMA_SESSION.DECRYPT)
             yield session
         finally:
-            self._flush(session)
+            self._esys.flush(session)
 
-    def _policy_pcr(self, session: ESYS_TR, selection: PcrSelection) -> None:
-        self._esys.policy_pcr(session, TPM2B_DIGEST(), TPML_PCR_SELECTION.parse(str(selection)))
+    def _policy_pcr(self, session: int, selection: PcrSelection) -> None:
+        self._esys.call("PolicyPCR", session, tss.NONE, tss.NONE, tss.NONE, tss.new("TPM2B_DIGEST *"),
+                        _pcr_selection(selection))
 
     # --- PCRs and facts ---------------------------------------------------------------------------
     def read_pcrs(self, selection: PcrSelection) -> dict[int, bytes]:
@@ -288,150 +319,206 @@ class Tpm:
         try:
             for start in range(0, len(selection.pcrs), 8):
                 chunk = PcrSelection(selection.bank, selection.pcrs[start:start + 8])
-                _, sel_out, digests = self._esys.pcr_read(TPML_PCR_SELECTION.parse(str(chunk)))
-                returned = [p for p in chunk.pcrs
-                            if sel_out.count and sel_out.pcrSelections[0].pcrSelect[p // 8] & (1 << (p % 8))]
-                if len(returned) != len(chunk.pcrs):
-                    raise UsageError(f"the TPM has no active {selection.bank} PCR bank")
-                for p, d in zip(returned, digests, strict=True):
-                    values[p] = bytes(d)
-        except TSS2_Exception as exc:
+                sel_out = tss.new("TPML_PCR_SELECTION **")
+                digests = tss.new("TPML_DIGEST **")
+                self._esys.call("PCR_Read", tss.NONE, tss.NONE, tss.NONE, _pcr_selection(chunk), tss.ffi.NULL,
+                                sel_out, digests)
+                try:
+                    out = sel_out[0]
+                    returned = [p for p in chunk.pcrs
+                                if out.count and out.pcrSelections[0].pcrSelect[p // 8] & (1 << (p % 8))]
+                    if len(returned) != len(chunk.pcrs) or digests[0].count != len(returned):
+                        raise UsageError(f"the TPM has no active {selection.bank} PCR bank")
+                    for i, p in enumerate(returned):
+                        values[p] = tss.tpm2b_bytes(digests[0].digests[i])
+                finally:
+                    tss.free(sel_out[0])
+                    tss.free(digests[0])
+        except TssError as exc:
             raise _tpm_error(exc, "reading PCRs") from None
         return values
 
+    def _properties(self, first: int, count: int) -> dict[int, int]:
+        more = tss.new("TPMI_YES_NO *")
+        data = tss.new("TPMS_CAPABILITY_DATA **")
+        self._esys.call("GetCapability", tss.NONE, tss.NONE, tss.NONE, lib.TPM2_CAP_TPM_PROPERTIES, first, count,
+                        more, data)
+        try:
+            props = data[0].data.tpmProperties
+            return {props.tpmProperty[i].property: props.tpmProperty[i].value for i in range(props.count)}
+        finally:
+            tss.free(data[0])
+
+    def _active_banks(self) -> list[int]:
+        """Hash algorithms of the PCR banks that have at least one PCR allocated."""
+        more = tss.new("TPMI_YES_NO *")
+        data = tss.new("TPMS_CAPABILITY_DATA **")
+        self._esys.call("GetCapability", tss.NONE, tss.NONE, tss.NONE, lib.TPM2_CAP_PCRS, 0, 16, more, data)
+        try:
+            assigned = data[0].data.assignedPCR
+            selections = [assigned.pcrSelections[i] for i in range(assigned.count)]
+            return [s.hash for s in selections if any(s.pcrSelect[j] for j in range(s.sizeofSelect))]
+        finally:
+            tss.free(data[0])
+
     def info(self) -> TpmInfo:
         try:
-            _, fixed = self._esys.get_capability(TPM2_CAP.TPM_PROPERTIES, TPM2_PT.MANUFACTURER, 1)
-            manufacturer = int(fixed.data.tpmProperties.tpmProperty[0].value).to_bytes(4, "big")
-            _, var = self._esys.get_capability(TPM2_CAP.TPM_PROPERTIES, TPM2_PT.PERMANENT, 64)
-            props = {int(p.property): int(p.value) for p in var.data.tpmProperties}
-            _, pcrs = self._esys.get_capability(TPM2_CAP.PCRS, 0, 16)
-        except TSS2_Exception as exc:
+            props = self._properties(lib.TPM2_PT_MANUFACTURER, 1)
+            props.update(self._properties(lib.TPM2_PT_PERMANENT, 64))
+            algs = self._active_banks()
+        except TssError as exc:
             raise _tpm_error(exc, "reading TPM properties") from None
-        names = {0x0004: "sha1", 0x000B: "sha256", 0x000C: "sha384", 0x000D: "sha512"}
-        banks = [names.get(int(s.hash), hex(int(s.hash))) for s in pcrs.data.assignedPCR
-                 if any(s.pcrSelect[i] for i in range(s.sizeofSelect))]
-        permanent = props.get(int(TPM2_PT.PERMANENT), 0)
+        names = {alg: name for name, (alg, _) in BANKS.items()}
+        manufacturer = props.get(lib.TPM2_PT_MANUFACTURER, 0).to_bytes(4, "big")
+        permanent = props.get(lib.TPM2_PT_PERMANENT, 0)
         return TpmInfo(
             manufacturer=manufacturer.rstrip(b"\0").decode(errors="replace").strip(),
-            banks=banks,
-            lockout_counter=props.get(int(TPM2_PT.LOCKOUT_COUNTER), 0),
-            max_tries=props.get(int(TPM2_PT.MAX_AUTH_FAIL), 0),
+            banks=[names.get(alg, hex(alg)) for alg in algs],
+            lockout_counter=props.get(lib.TPM2_PT_LOCKOUT_COUNTER, 0),
+            max_tries=props.get(lib.TPM2_PT_MAX_AUTH_FAIL, 0),
             in_lockout=bool(permanent & (1 << 9)),
         )
 
     def trial_policy_pcr(self, selection: PcrSelection, with_pin: bool = False) -> bytes:
         """The TPM's own PolicyPCR digest for the current values (tests compare policy.py to it)."""
-        session = self._esys.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.TRIAL, None, TPM2_ALG.SHA256)
+        session = self._start_session(lib.TPM2_SE_TRIAL, salted=False)
         try:
             self._policy_pcr(session, selection)
             if with_pin:
-                self._esys.policy_auth_value(session)
-            return bytes(self._esys.policy_get_digest(session))
+                self._esys.call("PolicyAuthValue", session, tss.NONE, tss.NONE, tss.NONE)
+            digest = tss.new("TPM2B_DIGEST **")
+            self._esys.call("PolicyGetDigest", session, tss.NONE, tss.NONE, tss.NONE, digest)
+            try:
+                return tss.tpm2b_bytes(digest[0])
+            finally:
+                tss.free(digest[0])
         finally:
-            self._flush(session)
+            self._esys.flush(session)
 
     # --- sealed objects ---------------------------------------------------------------------------
     def seal(self, secret: Secret, policy: bytes) -> SealedObject:
         """Seal `secret` under the SRK, readable only through `policy` (PolicyPCR). noDA is set."""
         if len(secret) > MAX_SEALED:
             raise UsageError(f"a sealed secret can hold at most {MAX_SEALED} bytes, this one has {len(secret)}")
-        template = TPMT_PUBLIC(type=TPM2_ALG.KEYEDHASH, nameAlg=TPM2_ALG.SHA256,
-                               objectAttributes=TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.NODA,
-                               authPolicy=TPM2B_DIGEST(policy))
-        template.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG.NULL
-        sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=_tpm2b_from_secret(TPM2B_SENSITIVE_DATA, secret)))
+        template = tss.new("TPM2B_PUBLIC *")
+        template.publicArea.type = lib.TPM2_ALG_KEYEDHASH
+        template.publicArea.nameAlg = lib.TPM2_ALG_SHA256
+        template.publicArea.objectAttributes = _SEAL_ATTRS
+        tss.fill_tpm2b(template.publicArea.authPolicy, policy)
+        template.publicArea.parameters.keyedHashDetail.scheme.scheme = lib.TPM2_ALG_NULL
+        sensitive = tss.new("TPM2B_SENSITIVE_CREATE *")
+        tss.fill_tpm2b(sensitive.sensitive.data, secret.data)
+        private = tss.new("TPM2B_PRIVATE **")
+        public = tss.new("TPM2B_PUBLIC **")
         try:
             parent = self.srk()
             # The HMAC session's DECRYPT flag encrypts inSensitive on its way to the TPM.
-            with self._salted_session(TPM2_SE.HMAC) as session:
-                private, public, _, _, _ = self._esys.create(parent, sensitive, TPM2B_PUBLIC(publicArea=template),
-                                                             session1=session)
-        except TSS2_Exception as exc:
+            with self._salted_session(lib.TPM2_SE_HMAC) as session:
+                self._esys.call("Create", parent, session, tss.NONE, tss.NONE, sensitive, template,
+                                tss.new("TPM2B_DATA *"), tss.new("TPML_PCR_SELECTION *"), private, public,
+                                tss.ffi.NULL, tss.ffi.NULL, tss.ffi.NULL)
+            try:
+                return SealedObject(public=tss.marshal("TPM2B_PUBLIC", public[0]),
+                                    private=tss.marshal("TPM2B_PRIVATE", private[0]))
+            finally:
+                tss.free(public[0])
+                tss.free(private[0])
+        except TssError as exc:
             raise _tpm_error(exc, "sealing the key") from None
         finally:
-            _wipe_cdata(sensitive.sensitive.data)
-        return SealedObject(public=public.marshal(), private=private.marshal())
+            tss.wipe(sensitive.sensitive.data)
 
     def unseal(self, sealed: SealedObject, selection: PcrSelection) -> Secret:
         """Load and unseal over a salted, encrypted PolicyPCR session."""
         public, private = _unmarshal_sealed(sealed)
+        loaded = tss.new("ESYS_TR *")
         try:
-            obj = self._esys.load(self._current_srk(), private, public)
-        except TSS2_Exception as exc:
+            self._esys.call("Load", self._current_srk(), tss.PASSWORD, tss.NONE, tss.NONE, private, public, loaded)
+        except TssError as exc:
             raise _tpm_error(exc, "loading the sealed object") from None
         try:
-            with self._salted_session(TPM2_SE.POLICY) as session:
+            with self._salted_session(lib.TPM2_SE_POLICY) as session:
                 self._policy_pcr(session, selection)
-                data = self._esys.unseal(obj, session1=session)
-            return _take_secret(data)
-        except TSS2_Exception as exc:
+                data = tss.new("TPM2B_SENSITIVE_DATA **")
+                self._esys.call("Unseal", loaded[0], session, tss.NONE, tss.NONE, data)
+            return _take_secret(data[0])
+        except TssError as exc:
             raise _tpm_error(exc, "unsealing") from None
         finally:
-            self._flush(obj)
+            self._esys.flush(loaded[0])
 
     # --- NV indexes -------------------------------------------------------------------------------
-    def _nv_lookup(self, index: int) -> tuple[ESYS_TR, TPM2B_NV_PUBLIC] | None:
-        """The ESYS handle (the caller closes it) and public area of `index`; None when undefined."""
+    def _nv_lookup(self, index: int) -> tuple[int, object] | None:
+        """The ESYS handle (the caller closes it) and TPMS_NV_PUBLIC of `index`; None when undefined."""
         try:
-            _more, data = self._esys.get_capability(TPM2_CAP.HANDLES, index, 1)
-            if not data.data.handles.count or int(data.data.handles[0]) != index:
+            handles, _ = self._handles(index, 1)
+            if index not in handles:
                 return None
-            handle = self._esys.tr_from_tpmpublic(index)
-        except TSS2_Exception as exc:
+            handle = self._from_tpm_public(index)
+        except TssError as exc:
             raise _tpm_error(exc, f"reading NV index 0x{index:08x}") from None
+        public = tss.new("TPM2B_NV_PUBLIC **")
         try:
-            nvpub, _ = self._esys.nv_read_public(handle)
-        except TSS2_Exception as exc:
+            self._esys.call("NV_ReadPublic", handle, tss.NONE, tss.NONE, tss.NONE, public, tss.ffi.NULL)
+        except TssError as exc:
             self._esys.tr_close(handle)
             raise _tpm_error(exc, f"reading NV index 0x{index:08x}") from None
-        return handle, nvpub
+        nv_public = tss.new("TPMS_NV_PUBLIC *", public[0].nvPublic)
+        tss.free(public[0])
+        return handle, nv_public
 
     def nv_info(self, index: int) -> NvInfo | None:
         found = self._nv_lookup(index)
         if found is None:
             return None
-        handle, nvpub = found
+        handle, nv_public = found
         self._esys.tr_close(handle)
-        attrs = int(nvpub.nvPublic.attributes)
-        return NvInfo(index=index, size=int(nvpub.nvPublic.dataSize), attributes=attrs,
-                      auth_policy=bytes(nvpub.nvPublic.authPolicy), no_da=bool(attrs & TPMA_NV.NO_DA))
+        attrs = nv_public.attributes  # type: ignore[attr-defined]
+        return NvInfo(index=index, size=nv_public.dataSize,  # type: ignore[attr-defined]
+                      attributes=attrs, auth_policy=tss.tpm2b_bytes(nv_public.authPolicy),  # type: ignore[attr-defined]
+                      no_da=bool(attrs & lib.TPMA_NV_NO_DA))
 
     def nv_define_and_write(self, index: int, secret: Secret, policy: bytes) -> None:
         """Define `index` (policyread|authwrite|no_da, like the seed's tpm2_nvdefine plus noDA) and write."""
         if self.nv_info(index) is not None:
             raise UsageError(f"NV index 0x{index:08x} is already defined (choose another with --store nv=INDEX)")
-        public = TPM2B_NV_PUBLIC(nvPublic=TPMS_NV_PUBLIC(
-            nvIndex=index, nameAlg=TPM2_ALG.SHA256,
-            attributes=TPMA_NV.POLICYREAD | TPMA_NV.AUTHWRITE | TPMA_NV.NO_DA,
-            authPolicy=TPM2B_DIGEST(policy), dataSize=len(secret)))
+        public = tss.new("TPM2B_NV_PUBLIC *")
+        public.nvPublic.nvIndex = index
+        public.nvPublic.nameAlg = lib.TPM2_ALG_SHA256
+        public.nvPublic.attributes = lib.TPMA_NV_POLICYREAD | lib.TPMA_NV_AUTHWRITE | lib.TPMA_NV_NO_DA
+        tss.fill_tpm2b(public.nvPublic.authPolicy, policy)
+        public.nvPublic.dataSize = len(secret)
+        handle = tss.new("ESYS_TR *")
         try:
-            handle = self._esys.nv_define_space(TPM2B_AUTH(b""), public, auth_handle=ESYS_TR.OWNER)
-        except TSS2_Exception as exc:
+            self._esys.call("NV_DefineSpace", lib.ESYS_TR_RH_OWNER, tss.PASSWORD, tss.NONE, tss.NONE,
+                            tss.new("TPM2B_AUTH *"), public, handle)
+        except TssError as exc:
             raise _tpm_error(exc, f"defining NV index 0x{index:08x}") from None
-        buffer = _tpm2b_from_secret(TPM2B_MAX_NV_BUFFER, secret)
+        buffer = tss.new("TPM2B_MAX_NV_BUFFER *")
+        tss.fill_tpm2b(buffer, secret.data)
         try:
-            with self._salted_session(TPM2_SE.HMAC) as session:
-                self._esys.nv_write(handle, buffer, 0, auth_handle=handle, session1=session)
-        except TSS2_Exception as exc:
+            with self._salted_session(lib.TPM2_SE_HMAC) as session:
+                self._esys.call("NV_Write", handle[0], handle[0], session, tss.NONE, tss.NONE, buffer, 0)
+        except TssError as exc:
             self.nv_undefine(index)
             raise _tpm_error(exc, f"writing NV index 0x{index:08x}") from None
         finally:
-            _wipe_cdata(buffer)
-            self._esys.tr_close(handle)
+            tss.wipe(buffer)
+            self._esys.tr_close(handle[0])
 
     def nv_read(self, index: int, selection: PcrSelection) -> Secret:
         found = self._nv_lookup(index)
         if found is None:
             raise CorruptError(f"NV index 0x{index:08x} does not exist in this TPM")
-        handle, nvpub = found
+        handle, nv_public = found
         try:
-            with self._salted_session(TPM2_SE.POLICY) as session:
+            with self._salted_session(lib.TPM2_SE_POLICY) as session:
                 self._policy_pcr(session, selection)
-                data = self._esys.nv_read(handle, int(nvpub.nvPublic.dataSize), 0, auth_handle=handle,
-                                          session1=session)
-            return _take_secret(data)
-        except TSS2_Exception as exc:
+                data = tss.new("TPM2B_MAX_NV_BUFFER **")
+                self._esys.call("NV_Read", handle, handle, session, tss.NONE, tss.NONE,
+                                nv_public.dataSize, 0, data)  # type: ignore[attr-defined]
+            return _take_secret(data[0])
+        except TssError as exc:
             raise _tpm_error(exc, f"reading NV index 0x{index:08x}") from None
         finally:
             self._esys.tr_close(handle)
@@ -443,8 +530,8 @@ class Tpm:
             return False
         handle, _ = found
         try:
-            self._esys.nv_undefine_space(handle, auth_handle=ESYS_TR.OWNER)
-        except TSS2_Exception as exc:
+            self._esys.call("NV_UndefineSpace", lib.ESYS_TR_RH_OWNER, handle, tss.PASSWORD, tss.NONE, tss.NONE)
+        except TssError as exc:
             self._esys.tr_close(handle)
             raise _tpm_error(exc, f"removing NV index 0x{index:08x}") from None
         return True
@@ -455,13 +542,12 @@ class Tpm:
         try:
             first, more = start, True
             while more and first < start + 256:
-                more, data = self._esys.get_capability(TPM2_CAP.HANDLES, first, start + 256 - first)
-                handles = [int(h) for h in data.data.handles]
+                handles, more = self._handles(first, start + 256 - first)
                 if not handles:
                     break
                 defined.update(handles)
                 first = max(handles) + 1
-        except TSS2_Exception as exc:
+        except TssError as exc:
             raise _tpm_error(exc, f"listing NV indexes from 0x{start:08x}") from None
         for index in range(start, start + 256):
             if index not in defined:
@@ -469,15 +555,15 @@ class Tpm:
         raise UsageError(f"no free NV index near 0x{start:08x}")
 
 
-def _unmarshal_sealed(sealed: SealedObject) -> tuple[TPM2B_PUBLIC, TPM2B_PRIVATE]:
+def _unmarshal_sealed(sealed: SealedObject) -> tuple[object, object]:
     try:
-        public, used_pub = TPM2B_PUBLIC.unmarshal(sealed.public)
-        private, used_priv = TPM2B_PRIVATE.unmarshal(sealed.private)
-    except TSS2_Exception:
+        public, used_pub = tss.unmarshal("TPM2B_PUBLIC", sealed.public)
+        private, used_priv = tss.unmarshal("TPM2B_PRIVATE", sealed.private)
+    except TssError:
         raise CorruptError("the sealed object is truncated or malformed") from None
     if used_pub != len(sealed.public) or used_priv != len(sealed.private):
         raise CorruptError("the sealed object has trailing bytes (not a TPM2B_PUBLIC/TPM2B_PRIVATE pair)")
-    if public.publicArea.type != TPM2_ALG.KEYEDHASH:
+    if public.publicArea.type != lib.TPM2_ALG_KEYEDHASH:  # type: ignore[attr-defined]
         raise CorruptError("the sealed object is not a sealed data object")
     return public, private
 
@@ -487,34 +573,15 @@ def validate_sealed(sealed: SealedObject) -> None:
     _unmarshal_sealed(sealed)
 
 
-def _take_secret(tpm2b: object) -> Secret:
-    """Copy a TPM2B's bytes into a Secret and zero the TPM2B."""
-    from tpm2_pytss._libtpm2_pytss import ffi
-
-    cdata = tpm2b._cdata  # type: ignore[attr-defined]
-    secret = Secret(bytearray(ffi.buffer(cdata.buffer, cdata.size)))
-    ffi.memmove(cdata.buffer, bytes(len(cdata.buffer)), len(cdata.buffer))
-    return secret
-
-
-def _wipe_cdata(tpm2b: object) -> None:
-    from tpm2_pytss._libtpm2_pytss import ffi
-
-    cdata = tpm2b._cdata  # type: ignore[attr-defined]
-    ffi.memmove(cdata.buffer, bytes(len(cdata.buffer)), len(cdata.buffer))
-
-
-def _tpm2b_from_secret(cls: type, secret: Secret) -> object:
-    """A TPM2B filled from the secret's bytearray without an immutable bytes copy."""
-    from tpm2_pytss._libtpm2_pytss import ffi
-
-    obj = cls()
-    obj._cdata.size = len(secret)  # type: ignore[attr-defined]
-    ffi.memmove(obj._cdata.buffer, secret.data, len(secret))  # type: ignore[attr-defined]
-    return obj
+def _take_secret(pointer: object) -> Secret:
+    """Copy what the ESAPI returned into a Secret; zero and free its buffer."""
+    try:
+        return Secret(tss.secret_bytes(pointer))
+    finally:
+        tss.free(pointer, secret=True)
 
 
 def sealed_auth_policy(sealed: SealedObject) -> bytes:
     """The authPolicy digest in a sealed object's public area (empty when it has none)."""
     public, _ = _unmarshal_sealed(sealed)
-    return bytes(public.publicArea.authPolicy)
+    return tss.tpm2b_bytes(public.publicArea.authPolicy)  # type: ignore[attr-defined]

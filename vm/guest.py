@@ -57,6 +57,7 @@ class Guest:
     root: RootImage
     tpm_state: Path
     work: Path
+    cpus: int = 1  # one emulated CPU unless a benchmark asks for more
 
     def clone(self, work: Path) -> Guest:
         """A copy of the disk and TPM state, so a scenario that changes them leaves others alone."""
@@ -67,12 +68,12 @@ class Guest:
         if state.exists():
             shutil.rmtree(state)
         shutil.copytree(self.tpm_state, state)
-        return Guest(self.kernel, self.kind, replace(self.root, path=disk), state, work)
+        return Guest(self.kernel, self.kind, replace(self.root, path=disk), state, work, self.cpus)
 
     @contextmanager
     def boot(self, name: str, *, firmware: str = "4m", tpm: bool = True, extra: str = "") -> Iterator[Boot]:
         cfg = BootConfig(self.kernel, self.kind.initrd, self.root.path, self.kind.cmdline(self.root.uuid),
-                         self.tpm_state if tpm else None, firmware=firmware, extra_cmdline=extra)
+                         self.tpm_state if tpm else None, firmware=firmware, extra_cmdline=extra, cpus=self.cpus)
         with boot(cfg, self.work, name) as b:
             yield b
 

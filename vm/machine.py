@@ -32,6 +32,7 @@ class BootConfig:
     tpm_state: Path | None  # None: no TPM device attached
     firmware: str = "4m"
     memory_mb: int = 1024
+    cpus: int = 1
     extra_cmdline: str = ""
 
 
@@ -65,7 +66,7 @@ class Boot:
 
 def qemu_command(cfg: BootConfig, vars_copy: Path, tpm: GuestTpm | None) -> list[str]:
     code, _ = FIRMWARE[cfg.firmware]
-    argv = ["qemu-system-x86_64", "-accel", "tcg", "-machine", "q35", "-m", str(cfg.memory_mb), "-smp", "1",
+    argv = ["qemu-system-x86_64", "-accel", "tcg", "-machine", "q35", "-m", str(cfg.memory_mb), "-smp", str(cfg.cpus),
             "-nographic", "-no-reboot", "-serial", "mon:stdio", "-nodefaults",
             "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
             "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
