@@ -19,7 +19,8 @@ def say(message: str) -> None:
 
 
 def hint(message: str) -> None:
-    print("  hint: " + message, file=sys.stderr, flush=True)
+    """What to do about the line said before; prefixed too, as at boot it shares the console."""
+    print(PREFIX + "hint: " + message, file=sys.stderr, flush=True)
 
 
 def set_debug(debug: bool) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from . import store
 from .errors import CorruptError, DeviceNotFoundError, NoTpmError, PolicyError, UnlockerError, UsageError, WrongPassphraseError
-from .log import say, trace
+from .log import hint, say, trace
 from .luks import LuksDevice
 from .policy import changed_pcrs
 from .prompt import ask_passphrase
@@ -100,7 +100,7 @@ def unlock(opts: UnlockOptions) -> None:
             failure = type(exc)
             say(f"{opts.device}: TPM unlock failed: {exc}")
             if exc.hint:
-                say(f"hint: {exc.hint}")
+                hint(exc.hint)
         if opts.tries == 0:
             # TPM only: the line above said why; the device stays closed for whoever asks next
             raise failure(f"{opts.device}: not unlocked").as_said()
