@@ -80,23 +80,34 @@ add_module() {
     return 0
 }
 
-add_checked_modules() {
-    # add_checked_modules PATTERN: every module under kernel/ whose path matches (no autodetect here)
+add_all_modules() {
+    # add_all_modules PATTERN: every module under kernel/ whose path matches
     local ko
     while read -r ko; do
         add_module "$(basename "${ko%.ko*}")"
     done < <(find "$KERNELROOT/lib/modules/$KERNELVERSION/kernel" -name '*.ko*' | grep -E "$1")
 }
 
+add_checked_modules() {
+    # without autodetect (as here) mkinitcpio's add_checked_modules adds what add_all_modules does
+    add_all_modules "$@"
+}
+
+# Arch's names of the device-mapper rules (what install scripts ask for) -> Debian's
+declare -A _debian_rules=([10-dm.rules]=55-dm.rules [13-dm-disk.rules]=60-persistent-storage-dm.rules)
+
 add_udev_rule() {
-    local rule=$1 path
-    for path in "$rule" "/usr/lib/udev/rules.d/$rule" "/lib/udev/rules.d/$rule"; do
-        if [[ -f $path ]]; then
-            add_file "$path" "/usr/lib/udev/rules.d/${rule##*/}"
-            return 0
-        fi
+    local rule=$1 path name
+    for name in "$rule" "${_debian_rules[$rule]:-}"; do
+        [[ -n $name ]] || continue
+        for path in "$name" "/usr/lib/udev/rules.d/$name" "/lib/udev/rules.d/$name"; do
+            if [[ -f $path ]]; then
+                add_file "$path" "/usr/lib/udev/rules.d/${name##*/}"
+                return 0
+            fi
+        done
     done
-    return 0  # rules for a udev the busybox image does not run: nothing to add
+    error "udev rule not found: '$rule'"  # as mkinitcpio: a missing rule is an error
 }
 
 add_runscript() {
