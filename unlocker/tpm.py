@@ -21,7 +21,7 @@ from .errors import CorruptError, LockoutError, NoTpmError, PolicyError, UsageEr
 from .log import trace
 from .policy import BANKS, PcrSelection
 from .secret import Secret
-from .tss import TssError, lib
+from .tss import CData, TssError, lib
 
 SRK_PERSISTENT_HANDLE = 0x81000001
 MAX_SEALED = 128  # TPM2B_SENSITIVE_DATA limit
@@ -96,7 +96,7 @@ SRK_TEMPLATES = {"tcg": _TPM2_TOOLS_PRIMARY_ATTRS | lib.TPMA_OBJECT_NODA, "tpm2-
 _SEAL_ATTRS = lib.TPMA_OBJECT_FIXEDTPM | lib.TPMA_OBJECT_FIXEDPARENT | lib.TPMA_OBJECT_NODA
 
 
-def srk_template(kind: str) -> object:
+def srk_template(kind: str) -> CData:
     """TPM2B_PUBLIC of an ECC P-256 storage key with AES-128-CFB, as tpm2-tools' "ecc256:aes128cfb"."""
     public = tss.new("TPM2B_PUBLIC *")
     area = public.publicArea
@@ -113,7 +113,7 @@ def srk_template(kind: str) -> object:
     return public
 
 
-def _pcr_selection(selection: PcrSelection) -> object:
+def _pcr_selection(selection: PcrSelection) -> CData:
     """TPML_PCR_SELECTION of one bank (three select bytes: PCRs 0-23)."""
     tpml = tss.new("TPML_PCR_SELECTION *")
     tpml.count = 1
@@ -448,7 +448,7 @@ class Tpm:
             self._esys.flush(loaded[0])
 
     # --- NV indexes -------------------------------------------------------------------------------
-    def _nv_lookup(self, index: int) -> tuple[int, object] | None:
+    def _nv_lookup(self, index: int) -> tuple[int, CData] | None:
         """The ESYS handle (the caller closes it) and TPMS_NV_PUBLIC of `index`; None when undefined."""
         try:
             handles, _ = self._handles(index, 1)
@@ -473,9 +473,9 @@ class Tpm:
             return None
         handle, nv_public = found
         self._esys.tr_close(handle)
-        attrs = nv_public.attributes  # type: ignore[attr-defined]
-        return NvInfo(index=index, size=nv_public.dataSize,  # type: ignore[attr-defined]
-                      attributes=attrs, auth_policy=tss.tpm2b_bytes(nv_public.authPolicy),  # type: ignore[attr-defined]
+        attrs = nv_public.attributes
+        return NvInfo(index=index, size=nv_public.dataSize,
+                      attributes=attrs, auth_policy=tss.tpm2b_bytes(nv_public.authPolicy),
                       no_da=bool(attrs & lib.TPMA_NV_NO_DA))
 
     def nv_define_and_write(self, index: int, secret: Secret, policy: bytes) -> None:
@@ -516,7 +516,7 @@ class Tpm:
                 self._policy_pcr(session, selection)
                 data = tss.new("TPM2B_MAX_NV_BUFFER **")
                 self._esys.call("NV_Read", handle, handle, session, tss.NONE, tss.NONE,
-                                nv_public.dataSize, 0, data)  # type: ignore[attr-defined]
+                                nv_public.dataSize, 0, data)
             return _take_secret(data[0])
         except TssError as exc:
             raise _tpm_error(exc, f"reading NV index 0x{index:08x}") from None
@@ -555,7 +555,7 @@ class Tpm:
         raise UsageError(f"no free NV index near 0x{start:08x}")
 
 
-def _unmarshal_sealed(sealed: SealedObject) -> tuple[object, object]:
+def _unmarshal_sealed(sealed: SealedObject) -> tuple[CData, CData]:
     try:
         public, used_pub = tss.unmarshal("TPM2B_PUBLIC", sealed.public)
         private, used_priv = tss.unmarshal("TPM2B_PRIVATE", sealed.private)
@@ -563,7 +563,7 @@ def _unmarshal_sealed(sealed: SealedObject) -> tuple[object, object]:
         raise CorruptError("the sealed object is truncated or malformed") from None
     if used_pub != len(sealed.public) or used_priv != len(sealed.private):
         raise CorruptError("the sealed object has trailing bytes (not a TPM2B_PUBLIC/TPM2B_PRIVATE pair)")
-    if public.publicArea.type != lib.TPM2_ALG_KEYEDHASH:  # type: ignore[attr-defined]
+    if public.publicArea.type != lib.TPM2_ALG_KEYEDHASH:
         raise CorruptError("the sealed object is not a sealed data object")
     return public, private
 
@@ -573,7 +573,7 @@ def validate_sealed(sealed: SealedObject) -> None:
     _unmarshal_sealed(sealed)
 
 
-def _take_secret(pointer: object) -> Secret:
+def _take_secret(pointer: CData) -> Secret:
     """Copy what the ESAPI returned into a Secret; zero and free its buffer."""
     try:
         return Secret(tss.secret_bytes(pointer))
@@ -584,4 +584,4 @@ def _take_secret(pointer: object) -> Secret:
 def sealed_auth_policy(sealed: SealedObject) -> bytes:
     """The authPolicy digest in a sealed object's public area (empty when it has none)."""
     public, _ = _unmarshal_sealed(sealed)
-    return tss.tpm2b_bytes(public.publicArea.authPolicy)  # type: ignore[attr-defined]
+    return tss.tpm2b_bytes(public.publicArea.authPolicy)

@@ -17,6 +17,8 @@ import sys
 from typing import Any
 
 MODULE = "tpm2_pytss._libtpm2_pytss"
+# a cffi pointer or structure (cffi has no static types for them)
+CData = Any
 
 
 def _extension_path() -> str:

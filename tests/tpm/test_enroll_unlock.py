@@ -107,3 +107,41 @@ def test_boot_reads_the_tokens_from_the_header_itself(disk: Path, key_file: Path
     assert meta["tokens"] == luks_json(disk)["tokens"]
     assert meta["keyslots"] == luks_json(disk)["keyslots"]
     unlock(UnlockOptions(str(disk), "unused", test=True, tries=0, tcti=tpm.tcti, metadata=meta))
+
+
+def test_one_tpm_connection_serves_every_device_at_boot(disk: Path, key_file: Path, tpm: Swtpm,
+                                                        tmp_path: Path) -> None:
+    """At boot the TPM is opened once, before the disks appear, and every device unseals through it."""
+    from helpers import make_luks_image
+
+    from unlocker.unlock import TpmConnection, UnlockOptions, unlock
+
+    second = make_luks_image(tmp_path / "second.img")
+    enroll(disk, key_file, tpm)
+    enroll(second, key_file, tpm, "--store", "nv")
+    connection = TpmConnection(tpm.tcti)
+    connection.connect()
+    opened = connection.get()
+    try:
+        for image in (disk, second):
+            unlock(UnlockOptions(str(image), "unused", test=True, tries=0, tcti=None, tpm=connection))
+        assert connection.get() is opened  # still the one connection, not closed by a device
+    finally:
+        connection.close()
+
+
+def test_an_unreachable_tpm_fails_each_device_with_its_reason(disk: Path, key_file: Path, tpm: Swtpm,
+                                                              capfd: pytest.CaptureFixture[str]) -> None:
+    from unlocker.errors import NoTpmError
+    from unlocker.unlock import TpmConnection, UnlockOptions, unlock
+
+    enroll(disk, key_file, tpm)
+    connection = TpmConnection("swtpm:host=127.0.0.1,port=1")
+    connection.connect()  # keeps the failure for whoever asks; never raises itself
+    for _ in range(2):
+        with pytest.raises(NoTpmError) as failed:
+            unlock(UnlockOptions(str(disk), "unused", test=True, tries=0, tcti=None, tpm=connection))
+        assert failed.value.message == f"{disk}: not unlocked"
+        err = capfd.readouterr().err
+        assert f"tpm2-unlocker: {disk}: TPM unlock failed: cannot reach the TPM at 'swtpm:host=127.0.0.1,port=1'" in err
+    connection.close()
