@@ -187,17 +187,21 @@ class Tpm:
         """The SRK selected last (by check_srk for an unseal), else the sealing one."""
         return self._srk if self._srk is not None else self.srk()
 
-    def _handles(self, first: int, count: int) -> tuple[list[int], bool]:
-        """Handles from `first` on (at most `count`), and whether the TPM has more."""
+    @contextmanager
+    def _capability(self, capability: int, first: int, count: int) -> Iterator[tuple[CData, bool]]:
+        """TPM2_GetCapability: the TPMU_CAPABILITIES (valid inside the block) and whether there is more."""
         more = tss.new("TPMI_YES_NO *")
         data = tss.new("TPMS_CAPABILITY_DATA **")
-        self._esys.call("GetCapability", tss.NONE, tss.NONE, tss.NONE, lib.TPM2_CAP_HANDLES, first, count,
-                        more, data)
+        self._esys.call("GetCapability", tss.NONE, tss.NONE, tss.NONE, capability, first, count, more, data)
         try:
-            handles = data[0].data.handles
-            return [handles.handle[i] for i in range(handles.count)], bool(more[0])
+            yield data[0].data, bool(more[0])
         finally:
             tss.free(data[0])
+
+    def _handles(self, first: int, count: int) -> tuple[list[int], bool]:
+        """Handles from `first` on (at most `count`), and whether the TPM has more."""
+        with self._capability(lib.TPM2_CAP_HANDLES, first, count) as (data, more):
+            return [data.handles.handle[i] for i in range(data.handles.count)], more
 
     def _from_tpm_public(self, handle: int) -> int:
         out = tss.new("ESYS_TR *")
@@ -339,27 +343,15 @@ class Tpm:
         return values
 
     def _properties(self, first: int, count: int) -> dict[int, int]:
-        more = tss.new("TPMI_YES_NO *")
-        data = tss.new("TPMS_CAPABILITY_DATA **")
-        self._esys.call("GetCapability", tss.NONE, tss.NONE, tss.NONE, lib.TPM2_CAP_TPM_PROPERTIES, first, count,
-                        more, data)
-        try:
-            props = data[0].data.tpmProperties
+        with self._capability(lib.TPM2_CAP_TPM_PROPERTIES, first, count) as (data, _):
+            props = data.tpmProperties
             return {props.tpmProperty[i].property: props.tpmProperty[i].value for i in range(props.count)}
-        finally:
-            tss.free(data[0])
 
     def _active_banks(self) -> list[int]:
         """Hash algorithms of the PCR banks that have at least one PCR allocated."""
-        more = tss.new("TPMI_YES_NO *")
-        data = tss.new("TPMS_CAPABILITY_DATA **")
-        self._esys.call("GetCapability", tss.NONE, tss.NONE, tss.NONE, lib.TPM2_CAP_PCRS, 0, 16, more, data)
-        try:
-            assigned = data[0].data.assignedPCR
-            selections = [assigned.pcrSelections[i] for i in range(assigned.count)]
+        with self._capability(lib.TPM2_CAP_PCRS, 0, 16) as (data, _):
+            selections = [data.assignedPCR.pcrSelections[i] for i in range(data.assignedPCR.count)]
             return [s.hash for s in selections if any(s.pcrSelect[j] for j in range(s.sizeofSelect))]
-        finally:
-            tss.free(data[0])
 
     def info(self) -> TpmInfo:
         try:
