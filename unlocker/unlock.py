@@ -29,11 +29,10 @@ class UnlockOptions:
     tcti: str | None
     # LUKS2 metadata already read from the header (at boot): spares a `cryptsetup luksDump`
     metadata: dict | None = None
-    # seconds to wait for the TPM's device node (at boot, its driver may still be loading)
-    tpm_wait: float = 0
     # False: straight to the passphrase (a first run tried the TPM and said why it failed)
     use_tpm: bool = True
-    # at boot: the connection opened while the disks were awaited, shared by every device
+    # at boot: the connection opened while the disks were awaited (it waited for the TPM's device
+    # node), shared by every device; else one is opened for this device
     tpm: TpmConnection | None = None
 
 
@@ -133,7 +132,7 @@ def unlock(opts: UnlockOptions) -> None:
     # what a failure exits with when no passphrase opens the disk either: the TPM's reason, if any
     failure: type[UnlockerError] = WrongPassphraseError
     if opts.use_tpm:
-        connection = opts.tpm or TpmConnection(opts.tcti, opts.tpm_wait)
+        connection = opts.tpm or TpmConnection(opts.tcti)
         try:
             key, token = unseal_any(device, connection)
             with key:
@@ -226,7 +225,7 @@ def _open_targets(targets: list[Target], opts: BootOptions,
             continue
         try:
             unlock(UnlockOptions(path, name, False, opts.tries, opts.tcti, header[1] if header else None,
-                                 tpm_wait=opts.timeout, use_tpm=opts.use_tpm, tpm=connection))
+                                 use_tpm=opts.use_tpm, tpm=connection))
             opened += 1
         except UnlockerError as exc:
             if not exc.said:
