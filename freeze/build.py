@@ -64,7 +64,13 @@ def write_spec(work: Path) -> Path:
     compressed as a whole anyway."""
     args = [sys.executable, "-m", "PyInstaller.utils.cliutils.makespec", "--onefile", "--log-level", "WARN",
             "--name", "tpm2-unlocker", "--runtime-tmpdir", RUNTIME_TMPDIR, "--strip",
-            "--specpath", str(work), "--paths", str(ROOT)]
+            "--specpath", str(work), "--paths", str(ROOT),
+            # A fixed str hash seed: Python otherwise reads one from the kernel before it runs a line,
+            # and until the kernel's random pool is seeded (an initramfs on a machine without a CPU
+            # RNG, such as QEMU's default CPU) that read waits ~1 s. What we hash is ours (argv, the
+            # LUKS header's JSON, crypttab): randomised hashing guards servers, not this. The
+            # secrets still come from the seeded pool: see warmup.wait_for_entropy.
+            "--python-option", "hash_seed=0"]
     for lib in tcti_libraries():
         args += ["--add-binary", f"{lib}:."]
     args += ["--add-binary", f"{tss_extension()}:tpm2_pytss", "--hidden-import", "_cffi_backend"]

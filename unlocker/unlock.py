@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,8 @@ class UnlockOptions:
     # at boot: the connection opened while the disks were awaited (it waited for the TPM's device
     # node), shared by every device; else one is opened for this device
     tpm: TpmConnection | None = None
+    # at boot: waits for what `cryptsetup open` needs loaded (the warm-up's modprobe of dm-crypt)
+    before_open: Callable[[], None] | None = None
 
 
 class TpmConnection:
@@ -117,9 +120,13 @@ def unseal_any(device: LuksDevice, connection: TpmConnection) -> tuple[Secret, T
     raise reasons[0]
 
 
-def open_or_test(device: LuksDevice, key: Secret, name: str, slot: int | None, test: bool) -> bool:
-    """Open the mapping (or only test the key with `test`); False if the key opens no such slot."""
-    return device.test_key(key, slot) if test else device.open(key, name, slot)
+def open_or_test(device: LuksDevice, key: Secret, name: str, slot: int | None, opts: UnlockOptions) -> bool:
+    """Open the mapping (or only test the key with opts.test); False if the key opens no such slot."""
+    if opts.test:
+        return device.test_key(key, slot)
+    if opts.before_open is not None:
+        opts.before_open()
+    return device.open(key, name, slot)
 
 
 def unlock(opts: UnlockOptions) -> None:
@@ -136,7 +143,7 @@ def unlock(opts: UnlockOptions) -> None:
         try:
             key, token = unseal_any(device, connection)
             with key:
-                if not open_or_test(device, key, name, token.keyslot, opts.test):
+                if not open_or_test(device, key, name, token.keyslot, opts):
                     raise CorruptError(f"the unsealed key does not open keyslot {token.keyslot}")
             say(f"{opts.device}: unlocked with the TPM" + (" (test only)" if opts.test else f" as {name}"))
             return
@@ -157,7 +164,7 @@ def unlock(opts: UnlockOptions) -> None:
             # Nobody can answer: exit with the TPM failure's own code (its line was said above).
             raise failure(f"{opts.device}: not unlocked (no passphrase given)")
         with passphrase:
-            ok = open_or_test(device, passphrase, name, None, opts.test)
+            ok = open_or_test(device, passphrase, name, None, opts)
         if ok:
             say(f"{opts.device}: unlocked with the passphrase" + (" (test only)" if opts.test else f" as {name}"))
             return
@@ -205,6 +212,7 @@ def unlock_at_boot(opts: BootOptions) -> int:
 
 def _open_targets(targets: list[Target], opts: BootOptions,
                   connection: TpmConnection | None) -> tuple[list[UnlockerError], int]:
+    from . import warmup
     from .devices import read_luks_header, wait_for
 
     failures: list[UnlockerError] = []
@@ -225,7 +233,7 @@ def _open_targets(targets: list[Target], opts: BootOptions,
             continue
         try:
             unlock(UnlockOptions(path, name, False, opts.tries, opts.tcti, header[1] if header else None,
-                                 use_tpm=opts.use_tpm, tpm=connection))
+                                 use_tpm=opts.use_tpm, tpm=connection, before_open=warmup.wait_for_dm_crypt))
             opened += 1
         except UnlockerError as exc:
             if not exc.said:

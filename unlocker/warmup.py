@@ -1,22 +1,33 @@
-"""Boot-time head start: load what `cryptsetup open` will need while we still wait for the disk.
+"""Boot-time head start: get what unsealing and `cryptsetup open` need while the disk is on its way.
 
-Opening a LUKS2 device makes the kernel load dm-crypt and instantiate the cipher twice over (AF_ALG
-for the keyslot, dm-crypt for the volume); each missing piece is a modprobe the kernel runs while
-cryptsetup waits. Done here, in a thread that sleeps in system calls, that work moves off the path
-from "the disk appeared" to "the disk is open". Everything is best effort: a failure only means
-cryptsetup does the work itself later.
+Opening a LUKS2 device makes the kernel load dm-crypt and instantiate the cipher (a template such
+as xts around aes, each piece a modprobe the kernel runs and a self-test) while cryptsetup waits.
+Done here, in a thread that sleeps in system calls, that work moves off the path from "the disk
+appeared" to "the disk is open". The frozen binary starts it before it imports the rest of the
+program (`start_early`): in a busybox initramfs the disk often appears while Python still starts.
+
+The other wait is for the kernel's random pool: the salted TPM session draws its ECDH key and
+nonces from it (through OpenSSL), and on a machine without a CPU RNG (QEMU's default CPU, some
+small boards) nothing seeds it early in boot. The first reader that blocks makes the kernel gather
+timer jitter, about a second of wall time that leaves the CPU to others: asked for here, that
+second passes beside udev and our own start instead of after the disk appeared.
+
+Everything is best effort: a failure only means the work is done later, where it is needed.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
+from collections.abc import Sequence
 
 from .log import trace
-from .run import run, which
 
 # LUKS2's default (cryptsetup >= 2.0): aes-xts-plain64 for the volume and its keyslots.
 DEFAULT_CIPHER = "xts(aes)"
+_started: list[threading.Thread] = []
+_dm_tried = threading.Event()  # set once the warm-up's modprobe of dm-crypt finished (or failed)
 
 
 def _instantiate_cipher(cipher: str) -> bool:
@@ -30,19 +41,73 @@ def _instantiate_cipher(cipher: str) -> bool:
     return True
 
 
+def _load_dm_crypt() -> None:
+    from .run import run, which  # here, not at the top: subprocess is not needed to start
+
+    modprobe = which("modprobe")
+    if modprobe:
+        run([modprobe, "-q", "-a", "dm_crypt"])
+
+
+def _pool_seeded() -> bool:
+    try:
+        os.getrandom(1, os.GRND_NONBLOCK)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _wait_for_entropy() -> None:
+    try:
+        if _pool_seeded():
+            return
+        # a read of /dev/random blocks until the pool is seeded, like getrandom(2), but os.read
+        # lets the other threads run meanwhile (os.getrandom holds the GIL while it waits)
+        fd = os.open("/dev/random", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.read(fd, 1)
+        finally:
+            os.close(fd)
+    except Exception as exc:  # e.g. no getrandom(2): OpenSSL falls back the same way later
+        trace(f"warm-up: random pool: {type(exc).__name__}: {exc}")
+        return
+    trace("warm-up: the kernel's random pool is seeded")
+
+
 def _warm_up(cipher: str) -> None:
     try:
-        modprobe = which("modprobe")
-        if modprobe:
-            run([modprobe, "-q", "-a", "dm_crypt"])
+        try:
+            _load_dm_crypt()  # first: cryptsetup cannot run without it (see wait_for_dm_crypt)
+        finally:
+            _dm_tried.set()
         loaded = _instantiate_cipher(cipher)
     except Exception as exc:  # a head start only: never a traceback on the boot console
         trace(f"warm-up: stopped ({type(exc).__name__}: {exc})")
         return
-    trace("warm-up: dm-crypt and the cipher are loaded" if loaded else "warm-up: done without the cipher")
+    trace("warm-up: the cipher is loaded" if loaded else "warm-up: done without the cipher")
 
 
-def start(cipher: str = DEFAULT_CIPHER) -> threading.Thread:
-    thread = threading.Thread(target=_warm_up, args=(cipher,), name="warm-up", daemon=True)
-    thread.start()
-    return thread
+def wait_for_dm_crypt(timeout: float = 10) -> None:
+    """Before `cryptsetup open`: let the warm-up's modprobe of dm-crypt finish, if it started one.
+
+    Without device-mapper loaded cryptsetup fails ("Cannot initialize device-mapper"), and with a
+    fast TPM the key can be unsealed before that modprobe is done.
+    """
+    if _started:
+        _dm_tried.wait(timeout)
+
+
+def start(cipher: str = DEFAULT_CIPHER) -> list[threading.Thread]:
+    """Start the warm-up once per run; later calls return the threads already started."""
+    if not _started:
+        _started.append(threading.Thread(target=_wait_for_entropy, name="warm-up: entropy", daemon=True))
+        _started.append(threading.Thread(target=_warm_up, args=(cipher,), name="warm-up: cipher", daemon=True))
+        for thread in _started:
+            thread.start()
+    return _started
+
+
+def start_early(argv: Sequence[str], marker: str = "/etc/initrd-release") -> None:
+    """Start the warm-up for an `unlock` in the initrd, before the rest of the program is imported."""
+    if argv[:1] == ["unlock"] and os.path.exists(marker):
+        start()

@@ -130,6 +130,27 @@ def test_one_tpm_connection_serves_every_device_at_boot(disk: Path, key_file: Pa
         connection.close()
 
 
+def test_boot_waits_for_what_cryptsetup_open_needs_after_the_unseal(disk: Path, key_file: Path, tpm: Swtpm,
+                                                                   capfd: pytest.CaptureFixture[str]) -> None:
+    """`before_open` (at boot: the warm-up's modprobe of dm-crypt) runs once the key is unsealed
+    and before cryptsetup opens; never for a key test. This host has no device-mapper, so the real
+    `cryptsetup open` that follows fails, which shows it ran after the wait."""
+    from unlocker.errors import CryptsetupError
+    from unlocker.unlock import UnlockOptions, unlock
+
+    enroll(disk, key_file, tpm)
+    waited: list[str] = []
+    with pytest.raises(CryptsetupError):
+        unlock(UnlockOptions(str(disk), "tpm2u-test", test=False, tries=0, tcti=tpm.tcti,
+                             before_open=lambda: waited.append("dm-crypt")))
+    err = capfd.readouterr().err
+    assert waited == ["dm-crypt"]
+    assert f"tpm2-unlocker: {disk}: TPM unlock failed: {disk}: cryptsetup open failed" in err
+    unlock(UnlockOptions(str(disk), "unused", test=True, tries=0, tcti=tpm.tcti,
+                         before_open=lambda: waited.append("again")))
+    assert waited == ["dm-crypt"], "a key test opens nothing: nothing to wait for"
+
+
 def test_an_unreachable_tpm_fails_each_device_with_its_reason(disk: Path, key_file: Path, tpm: Swtpm,
                                                               capfd: pytest.CaptureFixture[str]) -> None:
     from unlocker.errors import NoTpmError

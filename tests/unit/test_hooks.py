@@ -4,6 +4,7 @@ and the dracut module's shape. Both are booted for real in tests/vm."""
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,6 +71,7 @@ def run_runtime_hook(tmp_path: Path, rc_first: int, rc_second: int = 0) -> tuple
     fake = bindir / "tpm2-unlocker"
     fake.write_text(FAKE_BINARY)
     (bindir / "modprobe").write_text("#!/bin/sh\nexit 0\n")
+    (bindir / "head").write_text('#!/bin/sh\necho "$*" >> "$CALLS.head"\n')
     for f in bindir.iterdir():
         f.chmod(0o755)
     calls = tmp_path / "calls"
@@ -88,6 +90,18 @@ def test_runtime_hook_tpm_success_in_the_background_needs_no_second_run(tmp_path
     out, calls = run_runtime_hook(tmp_path, rc_first=0)
     assert calls == ["unlock --tries 0 --timeout 30"]
     assert "ERROR" not in out
+
+
+def test_runtime_hook_has_the_kernel_seed_its_random_pool_from_the_start(tmp_path: Path) -> None:
+    """The TPM session needs the kernel's random pool; a reader that waits for it makes the kernel
+    gather entropy, so the early hook starts one in the background (busybox head)."""
+    run_runtime_hook(tmp_path, rc_first=0)
+    reader = tmp_path / "calls.head"
+    for _ in range(50):  # it runs in the background: give it up to 5 s to have run
+        if reader.exists():
+            break
+        time.sleep(0.1)
+    assert reader.read_text().splitlines() == ["-c 1 /dev/random"]
 
 
 def test_runtime_hook_asks_in_the_foreground_after_a_tpm_failure(tmp_path: Path) -> None:

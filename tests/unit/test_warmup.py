@@ -1,17 +1,31 @@
-"""The boot warm-up is a head start only: whatever fails in it is traced, never raised."""
+"""The boot warm-up is a head start only: whatever fails in it is traced, never raised; and
+`cryptsetup open` never runs before its modprobe of dm-crypt is done."""
 
 from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from unlocker import warmup
 
 
+@pytest.fixture(autouse=True)
+def fresh_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test starts as a new process would: no warm-up started yet."""
+    monkeypatch.setattr(warmup, "_started", [])
+    monkeypatch.setattr(warmup, "_dm_tried", threading.Event())
+    yield
+
+
 @pytest.fixture
 def traced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     lines: list[str] = []
     monkeypatch.setattr(warmup, "trace", lines.append)
-    monkeypatch.setattr(warmup, "which", lambda _: None)  # no modprobe: nothing runs on this host
+    monkeypatch.setattr(warmup, "_load_dm_crypt", lambda: lines.append("modprobe dm_crypt"))  # nothing loads here
     return lines
 
 
@@ -24,19 +38,88 @@ def _socket_raising(exc: Exception):  # type: ignore[no-untyped-def]
 def test_no_af_alg_is_traced_not_raised(traced: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(warmup.socket, "socket", _socket_raising(OSError(97, "Address family not supported")))
     warmup._warm_up("xts(aes)")
-    assert traced == ["warm-up: xts(aes) via AF_ALG not available (Address family not supported)",
+    assert traced == ["modprobe dm_crypt",
+                      "warm-up: xts(aes) via AF_ALG not available (Address family not supported)",
                       "warm-up: done without the cipher"]
 
 
 def test_an_unexpected_error_stops_the_warm_up_quietly(traced: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(warmup.socket, "socket", _socket_raising(RuntimeError("boom")))
     warmup._warm_up("xts(aes)")
-    assert traced == ["warm-up: stopped (RuntimeError: boom)"]
+    assert traced == ["modprobe dm_crypt", "warm-up: stopped (RuntimeError: boom)"]
 
 
-def test_start_runs_in_a_daemon_thread(traced: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_start_runs_daemon_threads_once_per_run(traced: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(warmup.socket, "socket", _socket_raising(OSError(97, "Address family not supported")))
-    thread = warmup.start()
-    assert thread.daemon
-    thread.join(10)
-    assert not thread.is_alive() and traced
+    threads = warmup.start()
+    assert threads and all(t.daemon for t in threads)
+    assert warmup.start() is threads, "a second start (unlock_at_boot after the frozen entry) starts nothing"
+    for thread in threads:
+        thread.join(10)
+    assert not any(t.is_alive() for t in threads) and "warm-up: done without the cipher" in traced
+
+
+def test_open_waits_for_the_modprobe_of_dm_crypt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a fast TPM the key is there before modprobe is done; cryptsetup without device-mapper
+    fails ("Cannot initialize device-mapper"), so the open waits for it."""
+    done: list[str] = []
+    release = threading.Event()
+
+    def slow_modprobe() -> None:
+        release.wait(10)
+        done.append("dm_crypt")
+
+    monkeypatch.setattr(warmup, "_load_dm_crypt", slow_modprobe)
+    monkeypatch.setattr(warmup, "_instantiate_cipher", lambda cipher: True)
+    monkeypatch.setattr(warmup, "_wait_for_entropy", lambda: None)
+    warmup.start()
+    waiter = threading.Thread(target=warmup.wait_for_dm_crypt)
+    waiter.start()
+    time.sleep(0.2)
+    assert waiter.is_alive(), "wait_for_dm_crypt returned before modprobe finished"
+    release.set()
+    waiter.join(10)
+    assert not waiter.is_alive() and done == ["dm_crypt"]
+
+
+def test_open_does_not_wait_when_no_warm_up_was_started() -> None:
+    started = time.monotonic()
+    warmup.wait_for_dm_crypt(timeout=5)
+    assert time.monotonic() - started < 1
+
+
+def test_a_failed_modprobe_still_lets_the_open_go_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing() -> None:
+        raise OSError(2, "No such file or directory")
+
+    monkeypatch.setattr(warmup, "_load_dm_crypt", failing)
+    monkeypatch.setattr(warmup, "_wait_for_entropy", lambda: None)
+    monkeypatch.setattr(warmup, "trace", lambda _: None)
+    warmup.start()
+    started = time.monotonic()
+    warmup.wait_for_dm_crypt(timeout=5)
+    assert time.monotonic() - started < 4
+
+
+@pytest.mark.parametrize(("argv", "in_initrd", "starts"), [
+    (["unlock", "--tries", "0"], True, True),
+    (["unlock", "--tries", "0"], False, False),  # the installed system: `unlock --test` loads nothing
+    (["status"], True, False),
+    ([], True, False),
+])
+def test_the_frozen_entry_starts_it_only_for_unlock_in_the_initrd(
+        argv: list[str], in_initrd: bool, starts: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(warmup, "start", lambda: warmup._started.append(threading.Thread()))
+    marker = tmp_path / "initrd-release"
+    if in_initrd:
+        marker.touch()
+    warmup.start_early(argv, marker=str(marker))
+    assert bool(warmup._started) is starts
+
+
+def test_the_random_pool_wait_returns_at_once_when_the_pool_is_seeded(monkeypatch: pytest.MonkeyPatch) -> None:
+    lines: list[str] = []
+    monkeypatch.setattr(warmup, "trace", lines.append)
+    assert warmup._pool_seeded(), "this host's kernel pool is seeded long after boot"
+    warmup._wait_for_entropy()
+    assert lines == []  # said only when it had to wait
