@@ -55,6 +55,8 @@ def tcti_libraries() -> list[str]:
 # (libcryptsetup links both), and a one-file binary copies each bundled byte out at every start.
 SYSTEM_LIBRARIES = ("libcrypto.so.3", "libz.so.1")
 
+DROPPED_RUNTIME_HOOKS = ("pyi_rth_inspect",)
+
 UNCOMPRESSED_TYPES = ("EXTENSION", "DATA", "BINARY", "EXECUTABLE", "PYSOURCE", "PYMODULE", "SPLASH", "PYZ", "SYMLINK")
 
 
@@ -87,7 +89,11 @@ def write_spec(work: Path) -> Path:
     text = text.replace(marker, marker + f"    cdict={{{cdict}}},\n")
     if "pyz = PYZ(a.pure)" not in text:
         raise SystemExit("unexpected spec layout from pyi-makespec")
+    # PyInstaller's runtime hook for `inspect` imports zipfile (and pathlib, urllib, ...) and reads
+    # base_library.zip's directory at every start, to fix inspect.getsourcefile for tracebacks the
+    # boot never prints: ~0.1 s of the start in the TCG guest.
     text = text.replace("pyz = PYZ(a.pure)", f"a.binaries = [b for b in a.binaries if b[0] not in {SYSTEM_LIBRARIES!r}]\n"
+                        f"a.scripts = [s for s in a.scripts if s[0] not in {DROPPED_RUNTIME_HOOKS!r}]\n"
                         "pyz = PYZ(a.pure)")
     spec.write_text(text)
     return spec

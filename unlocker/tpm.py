@@ -163,6 +163,7 @@ class Tpm:
         self._srk_transient = False
         self._srk_for_sealing = False
         self._srk_name = b""
+        self._spare_policy_session: int | None = None
 
     def __enter__(self) -> Tpm:
         return self
@@ -171,6 +172,9 @@ class Tpm:
         self.close()
 
     def close(self) -> None:
+        if self._spare_policy_session is not None:
+            self._esys.flush(self._spare_policy_session)
+            self._spare_policy_session = None
         if self._srk is not None and self._srk_transient:
             self._esys.flush(self._srk)
         self._srk = None
@@ -304,9 +308,26 @@ class Tpm:
                 raise
         return session
 
+    def prepare_policy_session(self) -> None:
+        """Start the salted policy session the next unseal or NV read takes.
+
+        At boot this runs before the disk appears: the session's salt (an ECDH exchange with the
+        TPM, which also waits for the kernel's random pool) is then off the way from "the disk is
+        there" to "the disk is open". Any loaded key may salt a session, so a later switch to
+        another SRK (check_srk) leaves it usable.
+        """
+        if self._spare_policy_session is None:
+            try:
+                self._spare_policy_session = self._start_session(lib.TPM2_SE_POLICY, salted=True)
+            except TssError as exc:
+                raise _tpm_error(exc, "starting a session") from None
+
     @contextmanager
     def _salted_session(self, session_type: int) -> Iterator[int]:
-        session = self._start_session(session_type, salted=True)
+        if session_type == lib.TPM2_SE_POLICY and self._spare_policy_session is not None:
+            session, self._spare_policy_session = self._spare_policy_session, None
+        else:
+            session = self._start_session(session_type, salted=True)
         try:
             yield session
         finally:

@@ -59,7 +59,8 @@ class TpmConnection:
         try:
             tpm = Tpm(resolve_tcti(self._tcti, self._wait))
             tpm.srk()  # the parent our keys are sealed under; check_srk finds it ready
-            trace("TPM connected, storage key ready")
+            tpm.prepare_policy_session()
+            trace("TPM connected, storage key and session ready")
             self._tpm = tpm
         except UnlockerError as exc:
             if tpm is not None:

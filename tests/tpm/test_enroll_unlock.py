@@ -130,6 +130,37 @@ def test_one_tpm_connection_serves_every_device_at_boot(disk: Path, key_file: Pa
         connection.close()
 
 
+def test_the_boot_connection_has_the_policy_session_ready_before_the_disk(disk: Path, key_file: Path, tpm: Swtpm,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """connect() (before the disk appears) starts the salted policy session; the unseal takes it
+    instead of starting one, and nothing is left loaded in the TPM afterwards."""
+    from unlocker.tpm import Tpm
+    from unlocker.unlock import TpmConnection, UnlockOptions, unlock
+
+    loaded_sessions = 0x02000000  # TPM_HT_LOADED_SESSION << 24: sessions held in the TPM
+    enroll(disk, key_file, tpm)
+    connection = TpmConnection(tpm.tcti)
+    connection.connect()
+    opened = connection.get()
+    assert len(opened._handles(loaded_sessions, 8)[0]) == 1
+    started: list[int] = []
+    real_start = Tpm._start_session
+
+    def counting_start(self: Tpm, session_type: int, salted: bool) -> int:
+        started.append(session_type)
+        return real_start(self, session_type, salted)
+
+    monkeypatch.setattr(Tpm, "_start_session", counting_start)
+    try:
+        unlock(UnlockOptions(str(disk), "unused", test=True, tries=0, tcti=None, tpm=connection))
+        assert started == [], "the unseal started a session of its own"
+        assert opened._handles(loaded_sessions, 8)[0] == []
+        unlock(UnlockOptions(str(disk), "unused", test=True, tries=0, tcti=None, tpm=connection))
+        assert len(started) == 1, "a second device starts its own session"
+    finally:
+        connection.close()
+
+
 def test_boot_waits_for_what_cryptsetup_open_needs_after_the_unseal(disk: Path, key_file: Path, tpm: Swtpm,
                                                                    capfd: pytest.CaptureFixture[str]) -> None:
     """`before_open` (at boot: the warm-up's modprobe of dm-crypt) runs once the key is unsealed

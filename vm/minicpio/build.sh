@@ -21,6 +21,10 @@ ln -s usr/bin "$BUILDROOT/bin"; ln -s usr/bin "$BUILDROOT/sbin"; ln -s bin "$BUI
 ln -s usr/lib "$BUILDROOT/lib"
 ln -s lib "$BUILDROOT/usr/lib64"; ln -s usr/lib "$BUILDROOT/lib64"
 add_binary /bin/busybox /usr/bin/busybox
+# as mkinitcpio's base hook: kmod behind modprobe & co. (the kernel runs /sbin/modprobe for every
+# module it requests itself, e.g. each piece of a cipher; busybox's applet reads the text indexes)
+add_binary kmod /usr/bin/kmod
+for applet in depmod insmod rmmod lsmod modprobe modinfo; do add_symlink "/usr/bin/$applet" kmod; done
 map add_module virtio_pci virtio_blk ext4
 # loaded by /init after the early hooks, where udev's coldplug would load them in a real image;
 # the hooks' own modules load on demand (modprobe)
