@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .log import trace
 
@@ -74,17 +74,27 @@ def _wait_for_entropy() -> None:
     trace("warm-up: the kernel's random pool is seeded")
 
 
-def _warm_up(cipher: str) -> None:
-    try:
+def _best_effort(step: Callable[[], None]) -> Callable[[], None]:
+    def run_step() -> None:
         try:
-            _load_dm_crypt()  # first: cryptsetup cannot run without it (see wait_for_dm_crypt)
-        finally:
-            _dm_tried.set()
+            step()
+        except Exception as exc:  # a head start only: never a traceback on the boot console
+            trace(f"warm-up: stopped ({type(exc).__name__}: {exc})")
+    return run_step
+
+
+def _dm_crypt_step() -> None:
+    try:
+        _load_dm_crypt()
+    finally:
+        _dm_tried.set()
+
+
+def _cipher_step(cipher: str) -> Callable[[], None]:
+    def step() -> None:
         loaded = _instantiate_cipher(cipher)
-    except Exception as exc:  # a head start only: never a traceback on the boot console
-        trace(f"warm-up: stopped ({type(exc).__name__}: {exc})")
-        return
-    trace("warm-up: the cipher is loaded" if loaded else "warm-up: done without the cipher")
+        trace("warm-up: the cipher is loaded" if loaded else "warm-up: done without the cipher")
+    return step
 
 
 def wait_for_dm_crypt(timeout: float = 10) -> None:
@@ -100,8 +110,11 @@ def wait_for_dm_crypt(timeout: float = 10) -> None:
 def start(cipher: str = DEFAULT_CIPHER) -> list[threading.Thread]:
     """Start the warm-up once per run; later calls return the threads already started."""
     if not _started:
-        _started.append(threading.Thread(target=_wait_for_entropy, name="warm-up: entropy", daemon=True))
-        _started.append(threading.Thread(target=_warm_up, args=(cipher,), name="warm-up: cipher", daemon=True))
+        # three threads, as each mostly waits: on the kernel's modprobe helpers (one per piece of
+        # the cipher), on modprobe, on timer jitter
+        steps = {"cipher": _cipher_step(cipher), "dm-crypt": _dm_crypt_step, "entropy": _wait_for_entropy}
+        for name, step in steps.items():
+            _started.append(threading.Thread(target=_best_effort(step), name=f"warm-up: {name}", daemon=True))
         for thread in _started:
             thread.start()
     return _started
