@@ -39,6 +39,8 @@ def _cryptsetup(args: list[str], *, input: KeyBytes | None = None, pass_fds: tup
 
 @dataclass
 class LuksDevice:
+    """One LUKS2 device (or image file), its header read once and kept."""
+
     path: str
 
     def __post_init__(self) -> None:

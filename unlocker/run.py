@@ -18,6 +18,8 @@ _UNSAFE_ENV = ("LD_LIBRARY_PATH", "LD_PRELOAD", "PYTHONPATH", "PYTHONHOME", "_ME
 
 @dataclass(frozen=True)
 class Completed:
+    """A finished program: its argv, exit code and captured output."""
+
     argv: list[str]
     returncode: int
     stdout: bytes

@@ -29,6 +29,8 @@ _PER_STORE = {"token": {"tpm2_public", "tpm2_private"}, "nv": {"nv_index"}, "fil
 
 @dataclass
 class Token:
+    """Our LUKS2 token: where the key is sealed, for which keyslot, under which PCR policy."""
+
     keyslot: int
     store: str
     selection: PcrSelection

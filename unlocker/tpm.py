@@ -61,6 +61,8 @@ def resolve_tcti(explicit: str | None, wait: float = 0) -> str:
 
 @dataclass(frozen=True)
 class TpmInfo:
+    """What `status` reports about the TPM."""
+
     manufacturer: str
     banks: list[str]
     lockout_counter: int
@@ -70,12 +72,16 @@ class TpmInfo:
 
 @dataclass
 class SealedObject:
+    """A sealed key as TPM2B_PUBLIC + TPM2B_PRIVATE, marshalled (what tpm2_create writes)."""
+
     public: bytes
     private: bytes
 
 
 @dataclass(frozen=True)
 class NvInfo:
+    """An NV index as the TPM reports it: size, attributes, policy digest, whether it has noDA."""
+
     index: int
     size: int
     attributes: int

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class UnlockOptions:
+    """What `unlock DEVICE` (or the boot, per device) was asked to do."""
+
     device: str
     name: str | None
     test: bool
@@ -191,6 +193,8 @@ def unlock(opts: UnlockOptions) -> None:
 
 @dataclass(frozen=True)
 class BootOptions:
+    """What `unlock` without a device was asked to do: every device the boot names."""
+
     tries: int
     tcti: str | None
     timeout: float
