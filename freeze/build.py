@@ -71,7 +71,7 @@ def write_spec(work: Path) -> Path:
             # and until the kernel's random pool is seeded (an initramfs on a machine without a CPU
             # RNG, such as QEMU's default CPU) that read waits ~1 s. What we hash is ours (argv, the
             # LUKS header's JSON, crypttab): randomised hashing guards servers, not this. The
-            # secrets still come from the seeded pool: see warmup.wait_for_entropy.
+            # secrets still come from the seeded pool (unlocker/warmup.py waits for it).
             "--python-option", "hash_seed=0"]
     for lib in tcti_libraries():
         args += ["--add-binary", f"{lib}:."]

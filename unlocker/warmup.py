@@ -9,8 +9,9 @@ program (`start_early`): in a busybox initramfs the disk often appears while Pyt
 The other wait is for the kernel's random pool: the salted TPM session draws its ECDH key and
 nonces from it (through OpenSSL), and on a machine without a CPU RNG (QEMU's default CPU, some
 small boards) nothing seeds it early in boot. The first reader that blocks makes the kernel gather
-timer jitter, about a second of wall time that leaves the CPU to others: asked for here, that
-second passes beside udev and our own start instead of after the disk appeared.
+timer jitter: about a second of wall time (a loop that re-arms a timer each tick and yields the CPU
+between ticks). Asked for here, that second passes beside udev and our own start instead of after
+the disk appeared.
 
 Everything is best effort: a failure only means the work is done later, where it is needed.
 """
@@ -58,19 +59,15 @@ def _pool_seeded() -> bool:
 
 
 def _wait_for_entropy() -> None:
-    try:
-        if _pool_seeded():
-            return
-        # a read of /dev/random blocks until the pool is seeded, like getrandom(2), but os.read
-        # lets the other threads run meanwhile (os.getrandom holds the GIL while it waits)
-        fd = os.open("/dev/random", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.read(fd, 1)
-        finally:
-            os.close(fd)
-    except Exception as exc:  # e.g. no getrandom(2): OpenSSL falls back the same way later
-        trace(f"warm-up: random pool: {type(exc).__name__}: {exc}")
+    if _pool_seeded():
         return
+    # a read of /dev/random blocks until the pool is seeded, like getrandom(2), but os.read lets
+    # the other threads run meanwhile (os.getrandom holds the GIL while it waits)
+    fd = os.open("/dev/random", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.read(fd, 1)
+    finally:
+        os.close(fd)
     trace("warm-up: the kernel's random pool is seeded")
 
 
