@@ -24,6 +24,15 @@ class Target:
     name: str | None = None
 
 
+@dataclass(frozen=True)
+class Found:
+    """A device node found for a Target; `header` (UUID, LUKS2 metadata) when finding it meant
+    reading its header (no udev links), so that the caller need not read it again."""
+
+    path: str
+    header: tuple[str, dict | None] | None = None
+
+
 def _luks_name(uuid: str) -> str:
     return f"luks-{uuid}"
 
@@ -126,31 +135,31 @@ def scan() -> list[Target]:
     return found
 
 
-def resolve(source: str) -> str | None:
+def resolve(source: str) -> Found | None:
     """The device node for a path or UUID=/PARTUUID=/LABEL= source, or None if not (yet) present."""
     if source.startswith("/"):
-        return source if os.path.exists(source) else None
+        return Found(source) if os.path.exists(source) else None
     kind, _, value = source.partition("=")
     links = {"UUID": "by-uuid", "PARTUUID": "by-partuuid", "LABEL": "by-label"}
     if kind not in links or not value:
         return None
     link = f"/dev/disk/{links[kind]}/{value}"
     if os.path.exists(link):
-        return os.path.realpath(link)
+        return Found(os.path.realpath(link))
     if kind == "UUID":  # no udev (plain busybox initramfs): read the headers ourselves
         for dev in block_devices():
             header = read_luks_header(dev)
             if header is not None and header[0] == value:
-                return dev
+                return Found(dev, header)
     return None
 
 
-def wait_for(source: str, timeout: float) -> str | None:
+def wait_for(source: str, timeout: float) -> Found | None:
     deadline = time.monotonic() + timeout
     while True:
-        path = resolve(source)
-        if path is not None or time.monotonic() >= deadline:
-            return path
+        found = resolve(source)
+        if found is not None or time.monotonic() >= deadline:
+            return found
         time.sleep(0.05)
 
 

@@ -239,13 +239,14 @@ def _open_targets(targets: list[Target], opts: BootOptions,
     failures: list[UnlockerError] = []
     opened = 0
     for target in targets:
-        path = wait_for(target.source, opts.timeout)
-        if path is None:
+        found = wait_for(target.source, opts.timeout)
+        if found is None:
             failures.append(DeviceNotFoundError(f"{target.source}: no such device after {opts.timeout:g} s"))
             say(failures[-1].message)
             continue
+        path = found.path
         trace(f"{target.source}: found at {path}")
-        header = read_luks_header(path)
+        header = found.header or read_luks_header(path)
         name = target.name
         if name is None:
             name = f"luks-{header[0]}" if header else os.path.basename(path)

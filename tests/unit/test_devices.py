@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from unlocker.devices import Target, from_cmdline, from_crypttab, has_our_token, read_luks_header
 
 
@@ -35,3 +37,23 @@ def test_luks_header_is_read_without_cryptsetup(disk: Path, tmp_path: Path) -> N
     plain = tmp_path / "plain"
     plain.write_bytes(bytes(8192))
     assert read_luks_header(str(plain)) is None
+
+
+def test_without_udev_links_a_uuid_is_found_by_its_header_and_the_header_is_handed_on(
+        disk: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A busybox image without udev has no /dev/disk/by-uuid: the devices' headers are read, and the
+    one read for the match is kept for the unlock (not read a second time)."""
+    import subprocess
+
+    from unlocker import devices
+
+    uuid = subprocess.run(["cryptsetup", "luksUUID", str(disk)], capture_output=True, check=True).stdout.decode().strip()
+    plain = tmp_path / "plain"
+    plain.write_bytes(bytes(8192))
+    monkeypatch.setattr(devices, "block_devices", lambda: [str(plain), str(disk)])  # /sys/class/block's list
+    found = devices.resolve(f"UUID={uuid}")
+    assert found is not None and found.path == str(disk)
+    assert found.header is not None and found.header[0] == uuid and "keyslots" in (found.header[1] or {})
+    assert devices.resolve("UUID=00000000-0000-0000-0000-000000000000") is None
+    assert devices.resolve(str(disk)) == devices.Found(str(disk))  # a path: nothing read
+    assert devices.wait_for("UUID=00000000-0000-0000-0000-000000000000", timeout=0.1) is None
