@@ -19,6 +19,10 @@ at") is printed as well: a window can shrink because work moved before the disk 
 this absolute figure shows whether the boot as a whole got there sooner. Between boots the TPM's dictionary-attack
 counter is cleared from the host (the forced power-offs would lock the systemd token out).
 Also on the host: frozen binary cold start, unseal + open-test against tpm2-tools and Clevis.
+
+`--trace` boots our variants with `tpm2_unlocker.debug` and prints each boot's timeline (`/init`, the
+random pool seeded, the disk probed, each step of ours with its uptime, the end marks): where the
+window goes. The extra console output costs time, so its medians are not the benchmark's.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ CLEVIS_PACKAGES = ("clevis", "clevis-tpm2", "clevis-luks", "clevis-dracut")
 VDA = re.compile(rb"\[\s*([0-9.]+)\] virtio_blk virtio\d+: \[vda\]")
 MARK = re.compile(rb"TPM2U-STOPWATCH (disk|crypt|hooks-done) ([0-9.]+)")
 ROOT = re.compile(rb"TPM2U-ROOT-REACHED uptime=([0-9.]+)")
+# what --trace shows of a console log: the kernel's lines that set the pace, ours, the end marks
+TIMELINE = re.compile(r"Run /init|random: crng init done|\[vda\]|tpm2-unlocker(\[\d+\])?: |TPM2U-(STOPWATCH|ROOT-REACHED)")
 
 
 @dataclass
@@ -119,22 +125,34 @@ def enroll(variant: str, disk: Path, tpm: Swtpm, binary: Path) -> None:
              '{"pcr_bank":"sha256","pcr_ids":"16"}'], input=PASSPHRASE, env={"TPM2TOOLS_TCTI": tpm.tcti})
 
 
-def cmdline_extra(variant: str) -> str:
-    return "rd.luks.options=tpm2-device=auto" if variant == "systemd-tpm2" else ""
+def cmdline_extra(variant: str, trace: bool = False) -> str:
+    if variant == "systemd-tpm2":
+        return "rd.luks.options=tpm2-device=auto"
+    return "tpm2_unlocker.debug" if trace and variant.startswith("ours-") else ""
+
+
+def timeline(log: bytes) -> list[str]:
+    """The console lines of a boot that --trace prints, in order."""
+    text = log.decode(errors="replace").replace("\r", "")
+    return [line.strip() for line in text.split("\n") if TIMELINE.search(line)]
 
 
 def boot_variant(kernel: Kernel, image: Initramfs, variant: str, root: RootImage, state: Path, work: Path,
-                 name: str, cpus: int = 1) -> Sample:
+                 name: str, cpus: int = 1, trace: bool = False) -> Sample:
     # Clevis answers the systemd prompt itself: for it, a prompt is not a failure to react to.
     prompt = "TPM2U-NO-PROMPT-EXPECTED" if variant == "clevis" else \
         r"Enter passphrase for /dev/vda: |Please enter passphrase for disk"
     kind = ImageKind("mkinitcpio" if variant == "ours-mkinitcpio" else "dracut", image.path, prompt)
     guest = Guest(kernel, kind, root, state, work, cpus)
     answers = [PASSPHRASE] if variant == "passphrase" else []
-    result = guest.run_boot(name, answers=answers, extra=cmdline_extra(variant))
+    result = guest.run_boot(name, answers=answers, extra=cmdline_extra(variant, trace))
     if variant != "passphrase" and result.prompted:
         print(f"    {name}: asked for a passphrase (TPM path failed); see {work / (name + '.console.log')}")
-    return parse((work / f"{name}.console.log").read_bytes())
+    log = (work / f"{name}.console.log").read_bytes()
+    if trace and variant.startswith("ours-"):
+        for line in timeline(log):
+            print(f"      {line}")
+    return parse(log)
 
 
 def clear_lockout(state: Path) -> None:
@@ -218,6 +236,8 @@ def main() -> None:
     parser.add_argument("--host-only", action="store_true")
     parser.add_argument("--cpus", type=int, default=1,
                         help="emulated CPUs per guest (default 1; TCG runs them on host threads)")
+    parser.add_argument("--trace", action="store_true",
+                        help="boot ours with tpm2_unlocker.debug and print each boot's timeline (slower: not for the medians)")
     opts = parser.parse_args()
     variants = [v for v in opts.variants.split(",") if v]
     unknown = set(variants) - set(VARIANTS)
@@ -252,7 +272,7 @@ def main() -> None:
         for v in variants:
             clear_lockout(state)
             root = RootImage(work / v / "root.img", golden.uuid, PASSPHRASE)
-            sample = boot_variant(kernel, images[v], v, root, state, work / v, f"boot{i}", opts.cpus)
+            sample = boot_variant(kernel, images[v], v, root, state, work / v, f"boot{i}", opts.cpus, opts.trace)
             results[v].samples.append(sample)
             print(f"  boot {i + 1}/{opts.boots} {v}: window {sample.window}, kernel-probe window "
                   f"{sample.kernel_window}, unlocked at {sample.unlocked}, root {sample.root}", flush=True)
