@@ -42,7 +42,14 @@ def _instantiate_cipher(cipher: str) -> bool:
     return True
 
 
-def _load_dm_crypt() -> None:
+def _load_dm_crypt(sysfs: str = "/sys/module") -> None:
+    """modprobe dm_crypt, unless it is loaded already (the busybox hook's early modprobe loads it)."""
+    try:
+        with open(os.path.join(sysfs, "dm_crypt", "initstate")) as f:
+            if f.read().strip() == "live":
+                return
+    except OSError:
+        pass  # not loaded, or built in (no initstate): modprobe tells
     from .run import run, which  # here, not at the top: subprocess is not needed to start
 
     modprobe = which("modprobe")

@@ -123,3 +123,24 @@ def test_the_random_pool_wait_returns_at_once_when_the_pool_is_seeded(monkeypatc
     assert warmup._pool_seeded(), "this host's kernel pool is seeded long after boot"
     warmup._wait_for_entropy()
     assert lines == []  # said only when it had to wait
+
+
+def test_dm_crypt_already_loaded_is_not_modprobed_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The busybox hook's early modprobe loads dm_crypt: the warm-up then runs no second modprobe;
+    a module still coming (or none) gets one."""
+    import unlocker.run
+
+    ran: list[list[str]] = []
+    monkeypatch.setattr(unlocker.run, "which", lambda name: f"/sbin/{name}")
+    monkeypatch.setattr(unlocker.run, "run", lambda argv, **_: ran.append(list(argv)))
+    state = tmp_path / "dm_crypt" / "initstate"
+    state.parent.mkdir()
+    state.write_text("live\n")
+    warmup._load_dm_crypt(str(tmp_path))
+    assert ran == []
+    state.write_text("coming\n")
+    warmup._load_dm_crypt(str(tmp_path))
+    assert ran == [["/sbin/modprobe", "-q", "-a", "dm_crypt"]]
+    state.unlink()
+    warmup._load_dm_crypt(str(tmp_path))
+    assert len(ran) == 2
