@@ -3,7 +3,8 @@
 Reproducible inputs: this repository, the pinned tpm2-pytss built against Debian's tss2 (of which
 only its compiled cffi module is bundled: unlocker/tss.py loads it by path, PyInstaller cannot see
 that), and the TCTI modules tpm2-tss loads with dlopen (bundled explicitly for the same reason). It
-unpacks under /run at start (an initramfs has no /tmp we can count on).
+unpacks under /run at start; it carries the same program as a one-folder bootloader too, which
+`tpm2-unlocker unpack DIR` lays out beside the libraries for an initramfs.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Where the one-file binary unpacks: under /run (no /tmp is assumed in an initramfs), in a folder of
-# its own so a hook can mount an exec tmpfs there where /run is noexec (dracut's shell initrd).
+sys.path.insert(0, str(ROOT))
+from unlocker.unpack import CONTENTS, LAUNCHER  # noqa: E402
+# Where the one-file binary unpacks at each start: under /run, in a folder of its own. (An initramfs
+# carries the program unpacked at image build instead: `tpm2-unlocker unpack`.)
 RUNTIME_TMPDIR = "/run/tpm2-unlocker"
 TCTIS = ("device", "swtpm", "mssim", "pcap")
 # Not on the boot path: keep them out of the bundle (start-up time grows with bundle size).
@@ -60,6 +63,30 @@ DROPPED_RUNTIME_HOOKS = ("pyi_rth_inspect",)
 UNCOMPRESSED_TYPES = ("EXTENSION", "DATA", "BINARY", "EXECUTABLE", "PYSOURCE", "PYMODULE", "SPLASH", "PYZ", "SYMLINK")
 
 
+# A fixed str hash seed: Python otherwise reads one from the kernel before it runs a line, and until
+# the kernel's random pool is seeded (an initramfs on a machine without a CPU RNG, such as QEMU's
+# default CPU) that read waits ~1 s. What we hash is ours (argv, the LUKS header's JSON, crypttab):
+# randomised hashing guards servers, not this. The secrets still come from the seeded pool
+# (unlocker/warmup.py sees to it).
+PYTHON_OPTION = "hash_seed=0"
+
+# The same program as PyInstaller's one-folder bootloader (our code and options, no libraries: they
+# are the one file's own), carried inside the one file; `tpm2-unlocker unpack DIR` lays the two out
+# for an initramfs (unlocker/unpack.py).
+LAUNCHER_SPEC = f"""launcher = EXE(
+    pyz,
+    a.scripts,
+    [({PYTHON_OPTION!r}, None, 'OPTION')],
+    exclude_binaries=True,
+    name='{LAUNCHER}',
+    contents_directory='{CONTENTS}',
+    strip=True,
+    upx=False,
+    console=True,
+)
+"""
+
+
 def write_spec(work: Path) -> Path:
     """pyi-makespec with our options, then the one change the CLI cannot make: store the archive
     uncompressed. Unpacking zlib at every start cost ~1 s of the boot under TCG; the initramfs is
@@ -67,12 +94,7 @@ def write_spec(work: Path) -> Path:
     args = [sys.executable, "-m", "PyInstaller.utils.cliutils.makespec", "--onefile", "--log-level", "WARN",
             "--name", "tpm2-unlocker", "--runtime-tmpdir", RUNTIME_TMPDIR, "--strip",
             "--specpath", str(work), "--paths", str(ROOT),
-            # A fixed str hash seed: Python otherwise reads one from the kernel before it runs a line,
-            # and until the kernel's random pool is seeded (an initramfs on a machine without a CPU
-            # RNG, such as QEMU's default CPU) that read waits ~1 s. What we hash is ours (argv, the
-            # LUKS header's JSON, crypttab): randomised hashing guards servers, not this. The
-            # secrets still come from the seeded pool (unlocker/warmup.py waits for it).
-            "--python-option", "hash_seed=0"]
+            "--python-option", PYTHON_OPTION]
     for lib in tcti_libraries():
         args += ["--add-binary", f"{lib}:."]
     args += ["--add-binary", f"{tss_extension()}:tpm2_pytss", "--hidden-import", "_cffi_backend"]
@@ -94,7 +116,11 @@ def write_spec(work: Path) -> Path:
     # boot never prints: ~0.1 s of the start in the TCG guest.
     text = text.replace("pyz = PYZ(a.pure)", f"a.binaries = [b for b in a.binaries if b[0] not in {SYSTEM_LIBRARIES!r}]\n"
                         f"a.scripts = [s for s in a.scripts if s[0] not in {DROPPED_RUNTIME_HOOKS!r}]\n"
-                        "pyz = PYZ(a.pure)")
+                        "pyz = PYZ(a.pure)\n" + LAUNCHER_SPEC)
+    datas = "    a.datas,\n"
+    if text.count(datas) != 1:
+        raise SystemExit("unexpected spec layout from pyi-makespec")
+    text = text.replace(datas, f"    a.datas + [({LAUNCHER!r}, launcher.name, 'DATA')],\n")
     spec.write_text(text)
     return spec
 

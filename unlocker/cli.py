@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from . import __version__
 from .errors import EXIT_OK, EXIT_USAGE, UnlockerError, UsageError
-from .log import hint, say, set_debug, trace
+from .log import debug_on_cmdline, hint, say, set_debug, trace
 from .policy import DEFAULT_PCRS, PcrSelection
 
 
@@ -96,6 +95,16 @@ def verb_adopt(opts: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def verb_unpack(opts: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .unpack import unpack
+
+    program = unpack(Path(opts.dir))
+    say(f"unpacked into {opts.dir}: run {program}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tpm2-unlocker", description="Unlock LUKS2 disks with a key sealed by the TPM 2.0.")
     parser.add_argument("--version", action="version", version=f"tpm2-unlocker {__version__}")
@@ -147,29 +156,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blob", nargs=2, metavar=("PUB", "PRIV"), help="tpm2_create --public/--private files")
     p.add_argument("--nv", metavar="INDEX", help="NV index defined with tpm2_nvdefine (e.g. 0x1500016)")
     p.add_argument("--pcrs", type=_selection, help="the PCRs it was sealed to, e.g. sha256:0,2,3,7")
+
+    help = ("lay the program out unpacked in DIR, for an initramfs (the hooks run it at image build: "
+            "no copy-out to /run and second start at every boot)")
+    p = verbs.add_parser("unpack", help=help, description=help)
+    p.set_defaults(func=verb_unpack)
+    p.add_argument("dir", metavar="DIR", help="an empty or new directory")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
-
-
-def _debug_on_cmdline() -> bool:
-    """`tpm2_unlocker.debug` on the kernel command line turns on --debug, in the initrd only."""
-    if not os.path.exists("/etc/initrd-release"):
-        return False
-    try:
-        with open("/proc/cmdline") as f:
-            return "tpm2_unlocker.debug" in f.read().split()
-    except OSError:
-        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args or _debug_on_cmdline()
+    debug = "--debug" in args or debug_on_cmdline()
     set_debug(debug)
     trace(f"tpm2-unlocker {__version__}: {' '.join(args)}")
     try:
         opts = build_parser().parse_args(args)
         if opts.verb is None:
-            raise UsageError("no verb given (enroll, unlock, reseal, status, remove, adopt; see --help)")
+            raise UsageError("no verb given (enroll, unlock, reseal, status, remove, adopt, unpack; see --help)")
         return int(opts.func(opts))
     except UnlockerError as exc:
         if debug:

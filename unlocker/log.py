@@ -6,6 +6,7 @@ step, stamped with the system uptime so it lines up with the kernel's and system
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -21,6 +22,17 @@ def say(message: str) -> None:
 def hint(message: str) -> None:
     """What to do about the line said before; prefixed too, as at boot it shares the console."""
     print(PREFIX + "hint: " + message, file=sys.stderr, flush=True)
+
+
+def debug_on_cmdline(marker: str = "/etc/initrd-release") -> bool:
+    """`tpm2_unlocker.debug` on the kernel command line turns on --debug, in the initrd only."""
+    if not os.path.exists(marker):
+        return False
+    try:
+        with open("/proc/cmdline") as f:
+            return "tpm2_unlocker.debug" in f.read().split()
+    except OSError:
+        return False
 
 
 def set_debug(debug: bool) -> None:

@@ -13,7 +13,10 @@ from .log import trace
 
 # Variables PyInstaller (or a caller) sets that must not reach a child: a frozen binary points
 # LD_LIBRARY_PATH at its own folder, and cryptsetup would then load our bundled libcrypto.
-_UNSAFE_ENV = ("LD_LIBRARY_PATH", "LD_PRELOAD", "PYTHONPATH", "PYTHONHOME", "_MEIPASS2", "_PYI_ARCHIVE_FILE")
+# Its own `_PYI_*` (and older `_MEIPASS*`) variables would make a child that is a PyInstaller program
+# too (the unpacked one `unpack` checks) take itself for part of this one.
+_UNSAFE_ENV = ("LD_LIBRARY_PATH", "LD_PRELOAD", "PYTHONPATH", "PYTHONHOME")
+_UNSAFE_PREFIXES = ("_PYI_", "_MEIPASS")
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ class Completed:
 
 def child_env() -> dict[str, str]:
     """The environment for children: ours minus the loader variables of a frozen bundle."""
-    env = {k: v for k, v in os.environ.items() if k not in _UNSAFE_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in _UNSAFE_ENV and not k.startswith(_UNSAFE_PREFIXES)}
     if getattr(sys, "frozen", False):
         orig = os.environ.get("LD_LIBRARY_PATH_ORIG")
         if orig:

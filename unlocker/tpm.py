@@ -17,6 +17,7 @@ from dataclasses import dataclass
 os.environ.setdefault("TSS2_LOG", "all+NONE")
 
 from . import tss
+from .entropy import ACPI_TPM2_TABLE
 from .errors import CorruptError, LockoutError, NoTpmError, PolicyError, UsageError
 from .log import trace
 from .policy import BANKS, PcrSelection
@@ -30,9 +31,6 @@ _TCTI_LAYER_MASK = 0xFFFF0000
 _TCTI_LAYER = 0x000A0000
 
 
-# The firmware's ACPI table for a TPM 2.0: when present, a missing /dev/tpmrm0 only means its driver
-# has not loaded yet (udev's coldplug is still running beside us at boot).
-ACPI_TPM2_TABLE = "/sys/firmware/acpi/tables/TPM2"
 DEVICE_NODES = ("/dev/tpmrm0", "/dev/tpm0")
 
 

@@ -7,11 +7,10 @@ appeared" to "the disk is open". The frozen binary starts it before it imports t
 program (`start_early`): in a busybox initramfs the disk often appears while Python still starts.
 
 The other wait is for the kernel's random pool: the salted TPM session draws its ECDH key and
-nonces from it (through OpenSSL), and on a machine without a CPU RNG (QEMU's default CPU, some
-small boards) nothing seeds it early in boot. The first reader that blocks makes the kernel gather
-timer jitter: about a second of wall time (a loop that re-arms a timer each tick and yields the CPU
-between ticks). Asked for here, that second passes beside udev and our own start instead of after
-the disk appeared.
+nonces from it (through OpenSSL), and on a machine without a CPU RNG nothing seeds it early in boot
+(`entropy` says why). The warm-up seeds it from the TPM when it is not seeded yet, and only if that
+fails waits for it, so that the kernel's timer-jitter loop runs beside udev and our own start
+instead of after the disk appeared.
 
 Everything is best effort: a failure only means the work is done later, where it is needed.
 """
@@ -23,11 +22,13 @@ import socket
 import threading
 from collections.abc import Callable, Sequence
 
-from .log import trace
+from . import entropy
+from .log import debug_on_cmdline, set_debug, trace
 
 # LUKS2's default (cryptsetup >= 2.0): aes-xts-plain64 for the volume and its keyslots.
 DEFAULT_CIPHER = "xts(aes)"
 _started: list[threading.Thread] = []
+TPM_WAIT = 5.0  # seconds for the device node of a TPM the firmware announces (its driver may still load)
 _dm_tried = threading.Event()  # set once the warm-up's modprobe of dm-crypt finished (or failed)
 
 
@@ -57,17 +58,15 @@ def _load_dm_crypt(sysfs: str = "/sys/module") -> None:
         run([modprobe, "-q", "-a", "dm_crypt"])
 
 
-def _pool_seeded() -> bool:
+def _seed_entropy(tpm_wait: float = TPM_WAIT) -> None:
+    """See that the kernel's random pool gets seeded now: from the TPM, else by waiting for it."""
     try:
-        os.getrandom(1, os.GRND_NONBLOCK)
-    except BlockingIOError:
-        return False
-    return True
-
-
-def _wait_for_entropy() -> None:
-    if _pool_seeded():
+        if not entropy.seed_from_tpm(wait=tpm_wait):
+            return  # seeded already (a CPU RNG, or the kernel's TPM hwrng)
+        trace("warm-up: the kernel's random pool is seeded from the TPM")
         return
+    except (entropy.SeedError, OSError) as exc:
+        trace(f"warm-up: the random pool not seeded from the TPM ({exc}); waiting for the kernel")
     # a read of /dev/random blocks until the pool is seeded, like getrandom(2), but os.read lets
     # the other threads run meanwhile (os.getrandom holds the GIL while it waits)
     fd = os.open("/dev/random", os.O_RDONLY | os.O_CLOEXEC)
@@ -116,7 +115,7 @@ def start(cipher: str = DEFAULT_CIPHER) -> list[threading.Thread]:
     if not _started:
         # three threads, as each mostly waits: on the kernel's modprobe helpers (one per piece of
         # the cipher), on modprobe, on timer jitter
-        steps = {"cipher": _cipher_step(cipher), "dm-crypt": _dm_crypt_step, "entropy": _wait_for_entropy}
+        steps = {"cipher": _cipher_step(cipher), "dm-crypt": _dm_crypt_step, "entropy": _seed_entropy}
         for name, step in steps.items():
             _started.append(threading.Thread(target=_best_effort(step), name=f"warm-up: {name}", daemon=True))
         for thread in _started:
@@ -127,4 +126,5 @@ def start(cipher: str = DEFAULT_CIPHER) -> list[threading.Thread]:
 def start_early(argv: Sequence[str], marker: str = "/etc/initrd-release") -> None:
     """Start the warm-up for an `unlock` in the initrd, before the rest of the program is imported."""
     if argv[:1] == ["unlock"] and os.path.exists(marker):
+        set_debug(debug_on_cmdline(marker))  # the warm-up's own lines, when they are asked for
         start()

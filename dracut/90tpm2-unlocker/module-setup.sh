@@ -21,10 +21,16 @@ installkernel() {
 }
 
 install() {
-    inst_simple "$TPM2_UNLOCKER_BINARY" /usr/bin/tpm2-unlocker
+    # the program unpacked (its bootloader and libraries in /usr/lib/tpm2-unlocker): the one file
+    # would copy them out to /run and start twice at every boot
+    if ! "$TPM2_UNLOCKER_BINARY" unpack "$initdir/usr/lib/tpm2-unlocker"; then
+        derror "tpm2-unlocker: could not unpack $TPM2_UNLOCKER_BINARY into the image"
+        return 1
+    fi
+    ln_r /usr/lib/tpm2-unlocker/tpm2-unlocker /usr/bin/tpm2-unlocker
     # systemd initrds carry systemd-cryptsetup only; we open devices with cryptsetup itself
-    inst_multiple cryptsetup mountpoint grep mount mkdir
-    # the one-file binary unpacks under /run; what it bundles links these system libraries
+    inst_multiple cryptsetup
+    # what the program's libraries link from the system
     inst_libdir_file "libz.so.1*" "libm.so.6" "libresolv.so.2" "libdl.so.2" "libpthread.so.0" \
         "librt.so.1" "libutil.so.1"
     if dracut_module_included "systemd"; then

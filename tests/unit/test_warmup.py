@@ -71,7 +71,7 @@ def test_open_waits_for_the_modprobe_of_dm_crypt(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(warmup, "_load_dm_crypt", slow_modprobe)
     monkeypatch.setattr(warmup, "_instantiate_cipher", lambda cipher: True)
-    monkeypatch.setattr(warmup, "_wait_for_entropy", lambda: None)
+    monkeypatch.setattr(warmup, "_seed_entropy", lambda: None)
     warmup.start()
     waiter = threading.Thread(target=warmup.wait_for_dm_crypt)
     waiter.start()
@@ -93,7 +93,7 @@ def test_a_failed_modprobe_still_lets_the_open_go_ahead(monkeypatch: pytest.Monk
         raise OSError(2, "No such file or directory")
 
     monkeypatch.setattr(warmup, "_load_dm_crypt", failing)
-    monkeypatch.setattr(warmup, "_wait_for_entropy", lambda: None)
+    monkeypatch.setattr(warmup, "_seed_entropy", lambda: None)
     monkeypatch.setattr(warmup, "trace", lambda _: None)
     warmup.start()
     started = time.monotonic()
@@ -117,12 +117,26 @@ def test_the_frozen_entry_starts_it_only_for_unlock_in_the_initrd(
     assert bool(warmup._started) is starts
 
 
-def test_the_random_pool_wait_returns_at_once_when_the_pool_is_seeded(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_seeded_random_pool_is_left_alone_and_nothing_said(monkeypatch: pytest.MonkeyPatch) -> None:
     lines: list[str] = []
     monkeypatch.setattr(warmup, "trace", lines.append)
-    assert warmup._pool_seeded(), "this host's kernel pool is seeded long after boot"
-    warmup._wait_for_entropy()
-    assert lines == []  # said only when it had to wait
+    assert warmup.entropy.pool_seeded(), "this host's kernel pool is seeded long after boot"
+    warmup._seed_entropy(tpm_wait=0)
+    assert lines == []  # said only when it had to do something
+
+
+def test_without_a_tpm_to_seed_it_the_warm_up_waits_for_the_kernel_and_says_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seen as from early in a boot without a CPU RNG: the pool not seeded, no TPM device. The
+    fallback is the blocking read of /dev/random (on this host it returns at once)."""
+    lines: list[str] = []
+    monkeypatch.setattr(warmup, "trace", lines.append)
+    monkeypatch.setattr(warmup.entropy, "pool_seeded", lambda: False)
+    monkeypatch.setattr(warmup.entropy, "TPM_DEVICE", str(tmp_path / "tpmrm0"))
+    monkeypatch.setattr(warmup.entropy, "ACPI_TPM2_TABLE", str(tmp_path / "TPM2"))
+    warmup._seed_entropy(tpm_wait=0)
+    assert lines == [f"warm-up: the random pool not seeded from the TPM (no {tmp_path / 'tpmrm0'}); waiting for the kernel",
+                     "warm-up: the kernel's random pool is seeded"]
 
 
 def test_dm_crypt_already_loaded_is_not_modprobed_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import Swtpm, enroll_or_fail, run_cli
 from PyInstaller.archive.readers import CArchiveReader
 
 from vm.images import Artifacts
@@ -12,3 +17,34 @@ def test_python_in_the_binary_does_not_wait_for_the_kernels_random_pool(artifact
     machine without a CPU RNG that read waits ~1 s for the pool; the binary runs with a fixed seed
     (the secrets still come from the seeded pool, which the warm-up waits for beside the start)."""
     assert "hash_seed=0" in CArchiveReader(str(artifacts.binary)).options
+
+
+def test_unpack_lays_out_the_program_that_unseals_with_nothing_left_to_unpack_at_start(
+        artifacts: Artifacts, disk: Path, key_file: Path, tpm: Swtpm, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the initramfs hooks carry: `unpack DIR` writes the one-folder program, whose archive has
+    no library left to copy out at start (so no /run, no second process), and which unseals and
+    opens a real enrolment on a real swtpm with the libraries next to it."""
+    out = tmp_path / "unpacked"
+    done = subprocess.run([str(artifacts.binary), "unpack", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    program = out / "tpm2-unlocker"
+    archive = CArchiveReader(str(program))
+    kinds = {entry[-1] for entry in archive.toc.values()}
+    assert kinds <= {"m", "s", "z"}, f"entries to unpack at start: {kinds}"
+    assert "hash_seed=0" in archive.options and "pyi-contents-directory _internal" in archive.options
+    assert (out / "_internal" / "libtss2-esys.so.0").is_file()
+
+    enroll_or_fail(disk, key_file, tpm)
+    monkeypatch.setenv("TPM2_UNLOCKER_BIN", str(program))
+    opened = run_cli("unlock", str(disk), "--test", tpm=tpm)
+    assert opened.returncode == 0, opened.stderr.decode()
+    assert b"unlocked with the TPM" in opened.stderr
+
+
+def test_unpack_refuses_a_directory_in_use(artifacts: Artifacts, tmp_path: Path) -> None:
+    (tmp_path / "something").touch()
+    done = subprocess.run([str(artifacts.binary), "unpack", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr == f"tpm2-unlocker: {tmp_path} exists and is not an empty directory\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["something"]
