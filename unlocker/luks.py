@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import CorruptError, CryptsetupError, DeviceNotFoundError, UsageError
-from .run import Completed, run
+from .run import Completed, Started, run
 from .secret import Secret
 from .token import TOKEN_TYPE, Token, parse_token
 
@@ -133,12 +133,15 @@ class LuksDevice:
         if done.returncode != 0:
             raise CryptsetupError(f"{self.path}: adding a keyslot failed: {done.stderr_text}")
 
-    def test_key(self, key: KeyBytes, slot: int | None = None) -> bool:
-        """True if `key` opens `slot` (any slot when None). Creates no mapping."""
+    def _test_args(self, slot: int | None) -> list[str]:
         args = ["open", "--test-passphrase", "--key-file=-", self.path]
         if slot is not None:
             args[1:1] = ["--key-slot", str(slot)]
-        return _cryptsetup(args, input=key).returncode == 0
+        return args
+
+    def test_key(self, key: KeyBytes, slot: int | None = None) -> bool:
+        """True if `key` opens `slot` (any slot when None). Creates no mapping."""
+        return _cryptsetup(self._test_args(slot), input=key).returncode == 0
 
     def slot_of_key(self, key: KeyBytes, exclude: set[int] | None = None) -> int | None:
         """Which keyslot `key` opens, or None."""
@@ -149,17 +152,33 @@ class LuksDevice:
                 return slot
         return None
 
-    def open(self, key: KeyBytes, name: str, slot: int | None = None) -> bool:
-        """Create the /dev/mapper/NAME mapping with `key`; False if the key opens no (such) slot."""
+    def _open_args(self, name: str, slot: int | None) -> list[str]:
         args = ["open", "--type", "luks2", "--key-file=-", self.path, name]
         if slot is not None:
             args[1:1] = ["--key-slot", str(slot)]
-        done = _cryptsetup(args, input=key)
+        return args
+
+    def _opened(self, done: Completed) -> bool:
         if done.returncode == 2:
             return False
         if done.returncode != 0:
             raise CryptsetupError(f"{self.path}: cryptsetup open failed: {done.stderr_text}")
         return True
+
+    def open(self, key: KeyBytes, name: str, slot: int | None = None) -> bool:
+        """Create the /dev/mapper/NAME mapping with `key`; False if the key opens no (such) slot."""
+        return self._opened(_cryptsetup(self._open_args(name, slot), input=key))
+
+    def start_open(self, name: str, slot: int, test: bool = False) -> PendingOpen:
+        """`cryptsetup open` (`--test-passphrase` with `test`) started now, its key to follow: it
+        execs, loads its libraries and reads the header, then waits on stdin, while the key is
+        still being unsealed."""
+        args = self._test_args(slot) if test else self._open_args(name, slot)
+        try:
+            started = Started([CRYPTSETUP, *args])
+        except FileNotFoundError:
+            raise CryptsetupError("cryptsetup is not installed") from None
+        return PendingOpen(self, slot, test, started)
 
     def kill_slot(self, slot: int, remaining: KeyBytes) -> None:
         """Wipe `slot`, authorised by `remaining`, a passphrase of another slot (never --batch-mode)."""
@@ -199,3 +218,22 @@ def _write_and_close(fd: int, data: bytes | bytearray) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@dataclass
+class PendingOpen:
+    """A `cryptsetup open` of one keyslot, started before its key exists (LuksDevice.start_open)."""
+
+    device: LuksDevice
+    slot: int
+    test: bool
+    started: Started
+
+    def finish(self, key: KeyBytes) -> bool:
+        """Hand it the key: as LuksDevice.open (or test_key), False if the key opens no such slot."""
+        done = self.started.finish(_raw(key) or b"")
+        return done.returncode == 0 if self.test else self.device._opened(done)
+
+    def cancel(self) -> None:
+        """No key after all: it is killed while it waits for one (it has mapped nothing)."""
+        self.started.cancel()

@@ -51,6 +51,46 @@ def which(program: str) -> str | None:
     return shutil.which(program, path=child_env()["PATH"] + ":/usr/sbin:/sbin")
 
 
+class Started:
+    """A program started with its stdin open, waiting for `finish(input)` (or `cancel()`).
+
+    For a program whose start-up (exec, libraries, reading a header) can overlap our own work
+    before its input exists: the boot starts `cryptsetup open` while the TPM unseals the key.
+    """
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        trace("run (started, input to follow): " + " ".join(argv))
+        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      env=child_env())
+        self._done = False
+
+    def finish(self, input: bytes | bytearray | memoryview, timeout: float | None = None) -> Completed:
+        """Write `input` to its stdin, close it, and wait for the program to end."""
+        self._done = True
+        return _collect(self._proc, self.argv, input, timeout)
+
+    def cancel(self) -> None:
+        """Unless finished: kill it before it got any input (it is blocked reading stdin), reap it."""
+        if self._done:
+            return
+        self._done = True
+        self._proc.kill()
+        self._proc.communicate()
+        trace(f"run: {self.argv[0]} cancelled")
+
+
+def _collect(proc: subprocess.Popen[bytes], argv: list[str], input: bytes | bytearray | memoryview | None,
+             timeout: float | None) -> Completed:
+    try:
+        out, err = proc.communicate(input=input, timeout=timeout)  # type: ignore[arg-type]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    trace(f"run: {argv[0]} exited {proc.returncode}")
+    return Completed(argv, proc.returncode, out, err)
+
+
 def run(
     argv: Sequence[str],
     *,
@@ -73,10 +113,4 @@ def run(
         env=child_env(),
         pass_fds=tuple(pass_fds),
     )
-    try:
-        out, err = proc.communicate(input=input, timeout=timeout)  # type: ignore[arg-type]
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-    trace(f"run: {argv[0]} exited {proc.returncode}")
-    return Completed(argv, proc.returncode, out, err)
+    return _collect(proc, argv, input, timeout)

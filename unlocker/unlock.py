@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from . import store
 from .errors import CorruptError, DeviceNotFoundError, NoTpmError, PolicyError, UnlockerError, UsageError, WrongPassphraseError
 from .log import hint, say, trace
-from .luks import LuksDevice
+from .luks import LuksDevice, PendingOpen
 from .policy import changed_pcrs
 from .prompt import ask_passphrase
 from .secret import Secret
@@ -20,6 +20,9 @@ from .tpm import Tpm, resolve_tcti
 
 if TYPE_CHECKING:
     from .devices import Target
+
+# device-mapper's control node: there once dm_mod is loaded
+DM_CONTROL = "/dev/mapper/control"
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ class UnlockOptions:
     tpm: TpmConnection | None = None
     # at boot: waits for what `cryptsetup open` needs loaded (the warm-up's modprobe of dm-crypt)
     before_open: Callable[[], None] | None = None
+    # at boot: `cryptsetup open` started while the key is unsealed, the key handed to it after
+    open_early: bool = False
 
 
 class TpmConnection:
@@ -139,12 +144,32 @@ def unseal_any(device: LuksDevice, connection: TpmConnection) -> tuple[Secret, T
     raise reasons[0]
 
 
-def open_or_test(device: LuksDevice, key: Secret, name: str, slot: int | None, opts: UnlockOptions) -> bool:
-    """Open the mapping (or only test the key with opts.test); False if the key opens no such slot."""
+def start_open(device: LuksDevice, name: str, test: bool) -> PendingOpen | None:
+    """Start `cryptsetup open` of the first enrolment's keyslot before its key is unsealed: its
+    exec, libraries and header read then overlap the TPM's work. A mapping needs device-mapper
+    there already (cryptsetup checks for it before it reads the key); without it, or on any
+    error, the open runs after the unseal as usual and says what is wrong."""
+    if not test and not os.path.exists(DM_CONTROL):
+        return None
+    slots = [t.keyslot for _, t in device.our_tokens() if isinstance(t, Token)]
+    if not slots:
+        return None
+    try:
+        return device.start_open(name, slots[0], test)
+    except UnlockerError:
+        return None
+
+
+def open_or_test(device: LuksDevice, key: Secret, name: str, slot: int | None, opts: UnlockOptions,
+                 pending: PendingOpen | None = None) -> bool:
+    """Open the mapping (or only test the key with opts.test); False if the key opens no such slot.
+    A `pending` open of that slot gets the key; of another slot, it is left for the caller to cancel."""
+    if not opts.test and opts.before_open is not None:
+        opts.before_open()
+    if pending is not None and pending.slot == slot:
+        return pending.finish(key)
     if opts.test:
         return device.test_key(key, slot)
-    if opts.before_open is not None:
-        opts.before_open()
     return device.open(key, name, slot)
 
 
@@ -159,10 +184,11 @@ def unlock(opts: UnlockOptions) -> None:
     failure: type[UnlockerError] = WrongPassphraseError
     if opts.use_tpm:
         connection = opts.tpm or TpmConnection(opts.tcti)
+        pending = start_open(device, name, opts.test) if opts.open_early else None
         try:
             key, token = unseal_any(device, connection)
             with key:
-                if not open_or_test(device, key, name, token.keyslot, opts):
+                if not open_or_test(device, key, name, token.keyslot, opts, pending):
                     raise CorruptError(f"the unsealed key does not open keyslot {token.keyslot}")
             say(f"{opts.device}: unlocked with the TPM" + (" (test only)" if opts.test else f" as {name}"))
             return
@@ -172,6 +198,8 @@ def unlock(opts: UnlockOptions) -> None:
             if exc.hint:
                 hint(exc.hint)
         finally:
+            if pending is not None:
+                pending.cancel()  # unless it got the key: then nothing is left to cancel
             if opts.tpm is None:
                 connection.close()
         if opts.tries == 0:
@@ -255,7 +283,8 @@ def _open_targets(targets: list[Target], opts: BootOptions,
             continue
         try:
             unlock(UnlockOptions(path, name, False, opts.tries, opts.tcti, header[1] if header else None,
-                                 use_tpm=opts.use_tpm, tpm=connection, before_open=warmup.wait_for_dm_crypt))
+                                 use_tpm=opts.use_tpm, tpm=connection, before_open=warmup.wait_for_dm_crypt,
+                                 open_early=True))
             opened += 1
         except UnlockerError as exc:
             if not exc.said:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from pathlib import Path
 
@@ -206,3 +207,82 @@ def test_an_unreachable_tpm_fails_each_device_with_its_reason(background: bool, 
         assert f"tpm2-unlocker: {disk}: TPM unlock failed: cannot reach the TPM at 'swtpm:host=127.0.0.1,port=1'" in err
         assert "Traceback" not in err
     connection.close()
+
+
+def _spy_on_started_opens(monkeypatch: pytest.MonkeyPatch, events: list[str]) -> list:  # type: ignore[type-arg]
+    """The real LuksDevice.start_open and store.take, with the order they ran in recorded."""
+    from unlocker import luks, store, unlock
+
+    pendings: list[luks.PendingOpen] = []
+    real_start, real_take, real_finish = luks.LuksDevice.start_open, store.take, luks.PendingOpen.finish
+
+    def start_open(self: luks.LuksDevice, *args: object, **kwargs: object) -> luks.PendingOpen:
+        pendings.append(real_start(self, *args, **kwargs))  # type: ignore[arg-type]
+        events.append("cryptsetup started")
+        return pendings[-1]
+
+    def take(*args: object) -> object:
+        key = real_take(*args)  # type: ignore[arg-type]
+        events.append("unsealed")
+        return key
+
+    def finish(self: luks.PendingOpen, key: object) -> bool:
+        events.append("key handed over")
+        return real_finish(self, key)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(luks.LuksDevice, "start_open", start_open)
+    monkeypatch.setattr(unlock.store, "take", take)
+    monkeypatch.setattr(luks.PendingOpen, "finish", finish)
+    return pendings
+
+
+def test_at_boot_cryptsetup_starts_before_the_unseal_and_gets_the_key_after_it(
+        disk: Path, key_file: Path, tpm: Swtpm, monkeypatch: pytest.MonkeyPatch,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """`cryptsetup open` execs and reads the header while the TPM unseals; the key then goes to it
+    on stdin. (A key test here: this host has no device-mapper to map with.)"""
+    from unlocker.unlock import UnlockOptions, unlock
+
+    enroll(disk, key_file, tpm)
+    events: list[str] = []
+    pendings = _spy_on_started_opens(monkeypatch, events)
+    unlock(UnlockOptions(str(disk), None, test=True, tries=0, tcti=tpm.tcti, open_early=True))
+    assert events == ["cryptsetup started", "unsealed", "key handed over"]
+    assert pendings[0].slot == 1 and pendings[0].started.argv[:4] == ["cryptsetup", "open", "--key-slot", "1"]
+    assert f"{disk}: unlocked with the TPM (test only)" in capfd.readouterr().err
+
+
+def test_a_started_cryptsetup_is_killed_when_the_tpm_says_no(disk: Path, key_file: Path, tpm: Swtpm, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capfd: pytest.CaptureFixture[str]) -> None:
+    """The PCRs changed: the `cryptsetup open` waiting for a key gets none; it is killed while it
+    waits (it has mapped nothing) and reaped, and the TPM's reason is the one line said."""
+    from unlocker import unlock as unlock_module
+    from unlocker.errors import PolicyError
+    from unlocker.unlock import UnlockOptions, unlock
+
+    enroll(disk, key_file, tpm, "--pcrs", "sha256:7")
+    tpm.extend(7)
+    control = tmp_path / "control"
+    control.touch()  # as if device-mapper were loaded: the real open is started
+    monkeypatch.setattr(unlock_module, "DM_CONTROL", str(control))
+    events: list[str] = []
+    pendings = _spy_on_started_opens(monkeypatch, events)
+    with pytest.raises(PolicyError):
+        unlock(UnlockOptions(str(disk), "tpm2u-test", test=False, tries=0, tcti=tpm.tcti, open_early=True))
+    assert events == ["cryptsetup started"]
+    assert pendings[0].started._proc.returncode == -signal.SIGKILL
+    assert f"{disk}: TPM unlock failed: PCR 7 changed since enrolment" in capfd.readouterr().err
+
+
+def test_no_device_mapper_yet_means_the_open_waits_for_the_key(disk: Path, key_file: Path, tpm: Swtpm,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """cryptsetup checks for device-mapper before it reads the key: without it loaded, the open is
+    not started early (it would fail) but runs after the unseal, as it always did."""
+    from unlocker import unlock as unlock_module
+    from unlocker.luks import LuksDevice
+    from unlocker.unlock import start_open
+
+    enroll(disk, key_file, tpm)
+    monkeypatch.setattr(unlock_module, "DM_CONTROL", "/nonexistent/mapper/control")
+    assert start_open(LuksDevice(str(disk)), "tpm2u-test", test=False) is None
