@@ -11,7 +11,8 @@ What the kernel's TPM hwrng would have done is done here once: TPM2_GetRandom, 3
 raw command to the resource manager's device node (no TSS needed), credited to the pool with
 RNDADDENTROPY. Only when the pool is not seeded yet: where the kernel already has its entropy
 nothing is added. The bytes cross the bus in the clear, as they do for the kernel's hwrng; they are
-mixed into a pool that already holds every interrupt's timing since power-on.
+mixed into a pool that already holds every interrupt's timing since power-on. A kernel told to
+credit no hardware RNG (`rng_core.default_quality=0`) gets nothing from here either.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ _TPM_ST_NO_SESSIONS = 0x8001
 _TPM_CC_GET_RANDOM = 0x0000017B
 _TPM_RC_SUCCESS = 0
 _RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
+# how much the kernel credits a hardware RNG without its own rating (0: nothing)
+RNG_CORE_QUALITY = "/sys/module/rng_core/parameters/default_quality"
 
 
 class SeedError(Exception):
@@ -103,10 +106,22 @@ def credit(data: bytearray, random_device: str = "/dev/random") -> None:
         request[:] = bytes(len(request))
 
 
+def hwrng_trusted(parameter: str | None = None) -> bool:
+    """False when the kernel was told to credit no hardware RNG (`rng_core.default_quality=0`):
+    the TPM's hwrng would not be trusted by the kernel either, so neither is it here."""
+    try:
+        with open(parameter or RNG_CORE_QUALITY) as f:
+            return f.read().strip() != "0"
+    except OSError:
+        return True  # no hwrng core in this kernel: nothing was said against it
+
+
 def seed_from_tpm(device: str | None = None, wait: float = 0) -> bool:
     """Seed the pool from the TPM unless it is seeded already; False if it was (nothing done)."""
     if pool_seeded():
         return False
+    if not hwrng_trusted():
+        raise SeedError("rng_core.default_quality=0: hardware RNGs are not to be credited")
     data = bytearray(tpm_random(SEED_BYTES, device, wait))
     try:
         credit(data)

@@ -101,3 +101,17 @@ def test_a_seeded_pool_gets_nothing_and_the_tpm_is_not_asked(tmp_path: Path) -> 
     assert entropy.pool_seeded(), "this host's kernel pool is seeded long after boot"
     # the device does not exist: had it been asked, this would raise
     assert entropy.seed_from_tpm(str(tmp_path / "tpmrm0")) is False
+
+
+def test_a_kernel_told_to_trust_no_hwrng_gets_no_credit_from_the_tpm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rng_core.default_quality=0`: the kernel would not credit its TPM hwrng; neither do we."""
+    quality = tmp_path / "default_quality"
+    quality.write_text("0\n")
+    monkeypatch.setattr(entropy, "RNG_CORE_QUALITY", str(quality))
+    monkeypatch.setattr(entropy, "pool_seeded", lambda: False)  # as early in such a boot
+    with pytest.raises(SeedError, match="rng_core.default_quality=0"):
+        entropy.seed_from_tpm(str(tmp_path / "tpmrm0"))
+    quality.write_text("1024\n")
+    assert entropy.hwrng_trusted()
+    quality.unlink()
+    assert entropy.hwrng_trusted(), "no hwrng core: nothing said against it"
