@@ -38,17 +38,24 @@ def unpack(dest: Path) -> Path:
     home = bundle_home()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UsageError(f"{dest} exists and is not an empty directory")
+    program = dest / PROGRAM
     try:
-        dest.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(home, dest / CONTENTS, symlinks=True,
-                        ignore=lambda folder, names: [LAUNCHER] if Path(folder) == home else [])
-        (dest / CONTENTS).chmod(0o755)  # copied from the bundle's private (0700) unpack folder
-        program = dest / PROGRAM
-        shutil.copyfile(home / LAUNCHER, program)
-        program.chmod(0o755)
-    except OSError as exc:
-        raise UsageError(f"cannot unpack into {dest}: {exc.strerror or exc}") from None
-    result = run([str(program), "--version"])
-    if result.returncode != 0 or result.stdout.decode(errors="replace").strip() != f"tpm2-unlocker {__version__}":
-        raise UsageError(f"the unpacked program in {dest} does not start ({result.stderr_text or 'exit ' + str(result.returncode)})")
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(home, dest / CONTENTS, symlinks=True,
+                            ignore=lambda folder, names: [LAUNCHER] if Path(folder) == home else [])
+            (dest / CONTENTS).chmod(0o755)  # copied from the bundle's private (0700) unpack folder
+            shutil.copyfile(home / LAUNCHER, program)
+            program.chmod(0o755)
+        except OSError as exc:
+            raise UsageError(f"cannot unpack into {dest}: {exc.strerror or exc}") from None
+        result = run([str(program), "--version"])
+        if result.returncode != 0 or result.stdout.decode(errors="replace").strip() != f"tpm2-unlocker {__version__}":
+            raise UsageError(f"the unpacked program in {dest} does not start "
+                             f"({result.stderr_text or 'exit ' + str(result.returncode)})")
+    except UsageError:
+        # leave nothing half-written in the image being built
+        shutil.rmtree(dest / CONTENTS, ignore_errors=True)
+        program.unlink(missing_ok=True)
+        raise
     return program

@@ -17,8 +17,10 @@ Everything is best effort: a failure only means the work is done later, where it
 
 from __future__ import annotations
 
+# _socket, not socket: the C module alone binds an AF_ALG socket, and socket.py turns every
+# constant into enums at import (tens of ms of a boot under emulation)
+import _socket
 import os
-import socket
 import threading
 from collections.abc import Callable, Sequence
 
@@ -35,8 +37,11 @@ _dm_tried = threading.Event()  # set once the warm-up's modprobe of dm-crypt fin
 def _instantiate_cipher(cipher: str) -> bool:
     """Bind an AF_ALG skcipher socket: the kernel loads af_alg, algif_skcipher and the cipher's modules."""
     try:
-        with socket.socket(socket.AF_ALG, socket.SOCK_SEQPACKET, 0) as alg:
+        alg = _socket.socket(_socket.AF_ALG, _socket.SOCK_SEQPACKET, 0)
+        try:
             alg.bind(("skcipher", cipher))
+        finally:
+            alg.close()
     except OSError as exc:
         trace(f"warm-up: {cipher} via AF_ALG not available ({exc.strerror})")
         return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -286,3 +287,22 @@ def test_no_device_mapper_yet_means_the_open_waits_for_the_key(disk: Path, key_f
     enroll(disk, key_file, tpm)
     monkeypatch.setattr(unlock_module, "DM_CONTROL", "/nonexistent/mapper/control")
     assert start_open(LuksDevice(str(disk)), "tpm2u-test", test=False) is None
+
+
+def test_on_one_cpu_the_open_waits_for_the_key(disk: Path, key_file: Path, tpm: Swtpm) -> None:
+    """Started early on a single CPU, cryptsetup only takes turns with the unseal (measured slower
+    in the one-CPU guest): this process pinned to one CPU starts nothing early."""
+    from unlocker.luks import LuksDevice
+    from unlocker.unlock import spare_cpu, start_open
+
+    enroll(disk, key_file, tpm)
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) < 2:
+        pytest.fail("this test needs a machine with two CPUs (CI has two)")
+    assert spare_cpu()
+    try:
+        os.sched_setaffinity(0, {min(cpus)})
+        assert not spare_cpu()
+        assert start_open(LuksDevice(str(disk)), "unused", test=True) is None
+    finally:
+        os.sched_setaffinity(0, cpus)

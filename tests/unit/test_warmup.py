@@ -36,20 +36,20 @@ def _socket_raising(exc: Exception):  # type: ignore[no-untyped-def]
 
 
 def test_no_af_alg_is_traced_not_raised(traced: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(warmup.socket, "socket", _socket_raising(OSError(97, "Address family not supported")))
+    monkeypatch.setattr(warmup._socket, "socket", _socket_raising(OSError(97, "Address family not supported")))
     warmup._best_effort(warmup._cipher_step("xts(aes)"))()
     assert traced == ["warm-up: xts(aes) via AF_ALG not available (Address family not supported)",
                       "warm-up: done without the cipher"]
 
 
 def test_an_unexpected_error_stops_the_warm_up_quietly(traced: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(warmup.socket, "socket", _socket_raising(RuntimeError("boom")))
+    monkeypatch.setattr(warmup._socket, "socket", _socket_raising(RuntimeError("boom")))
     warmup._best_effort(warmup._cipher_step("xts(aes)"))()
     assert traced == ["warm-up: stopped (RuntimeError: boom)"]
 
 
 def test_start_runs_daemon_threads_once_per_run(traced: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(warmup.socket, "socket", _socket_raising(OSError(97, "Address family not supported")))
+    monkeypatch.setattr(warmup._socket, "socket", _socket_raising(OSError(97, "Address family not supported")))
     threads = warmup.start()
     assert threads and all(t.daemon for t in threads)
     assert warmup.start() is threads, "a second start (unlock_at_boot after the frozen entry) starts nothing"
