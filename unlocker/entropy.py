@@ -1,18 +1,22 @@
-"""Seed the kernel's random pool from the TPM's random number generator, early in boot.
+"""Seed the kernel's random pool from a firmware or virtual TPM's random number generator, early in boot.
 
 The salted TPM session draws its ECDH key and nonces from the kernel (through OpenSSL), and
 getrandom(2) blocks until the kernel's pool is seeded. A machine with a CPU RNG (RDRAND) is seeded
-before userspace starts. Without one (QEMU's default CPU, some boards) the kernel's only other early
-source is the TPM's hwrng, which Linux turns off for every machine with an AMD CPU (the fTPM
-stutter quirk); then nothing seeds the pool until a reader blocks, and the kernel spends a second
-or more of CPU time on timer jitter while it waits: on one CPU, time taken from udev and from us.
+before userspace starts. Without one (QEMU's default CPU, some boards) nothing seeds the pool
+early: the TPM's hwrng is off for a TPM on the CRB interface on AMD machines (the fTPM stutter
+quirk) and, on kernels before 6.2 (Debian 12's 6.1), credited with nothing anyway
+(rng_core.default_quality=0). The first reader that blocks then makes the kernel spin on timer
+jitter for a second or more: on one CPU, time taken from udev and from us.
 
-What the kernel's TPM hwrng would have done is done here once: TPM2_GetRandom, 32 bytes, sent as a
-raw command to the resource manager's device node (no TSS needed), credited to the pool with
-RNDADDENTROPY. Only when the pool is not seeded yet: where the kernel already has its entropy
-nothing is added. The bytes cross the bus in the clear, as they do for the kernel's hwrng; they are
-mixed into a pool that already holds every interrupt's timing since power-on. A kernel told to
-credit no hardware RNG (`rng_core.default_quality=0`) gets nothing from here either.
+So, once, when the pool is not seeded yet: TPM2_GetRandom, 32 bytes, sent as a raw command to the
+resource manager's device node (no TSS needed), credited with RNDADDENTROPY. Only for a TPM without
+a bus of its own, one the kernel drives through the CRB interface (tpm_crb: firmware TPMs such as
+AMD's fTPM or Intel's PTT, and virtual TPMs): the salted session is there so that whoever listens on
+a discrete TPM's LPC/SPI/I2C bus learns nothing, and the GetRandom response would cross that bus in
+the clear, making the session's randomness known to the listener. A discrete TPM (tpm_tis*) is not
+asked: there the kernel's own timer jitter is awaited. Nor is any TPM when the kernel command line
+says `rng_core.default_quality=0` (credit no hardware RNG). The bytes are mixed into a pool that
+already holds every interrupt's timing since power-on.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ _TPM_ST_NO_SESSIONS = 0x8001
 _TPM_CC_GET_RANDOM = 0x0000017B
 _TPM_RC_SUCCESS = 0
 _RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
-# how much the kernel credits a hardware RNG without its own rating (0: nothing)
-RNG_CORE_QUALITY = "/sys/module/rng_core/parameters/default_quality"
+# the kernel driver of the TPM behind /dev/tpmrm0 (tpm_crb: no bus outside the CPU package)
+TPM_DRIVER = "/sys/class/tpm/tpm0/device/driver"
+BUSLESS_DRIVERS = ("tpm_crb",)
+CMDLINE = "/proc/cmdline"
 
 
 class SeedError(Exception):
@@ -75,21 +81,42 @@ def get_random(fd: int, count: int = SEED_BYTES) -> bytes:
     return parse_get_random_response(os.read(fd, 4096), count)
 
 
+def wait_for_device(device: str, wait: float = 0, firmware_table: str | None = None) -> None:
+    """Up to `wait` seconds for the device node of a TPM the firmware announces; SeedError without it."""
+    deadline = time.monotonic() + wait
+    while not os.path.exists(device):
+        if time.monotonic() >= deadline or not os.path.exists(firmware_table or ACPI_TPM2_TABLE):
+            raise SeedError(f"no {device}")
+        time.sleep(0.01)
+
+
 def tpm_random(count: int = SEED_BYTES, device: str | None = None, wait: float = 0,
                firmware_table: str | None = None) -> bytes:
     """`count` bytes from the TPM's RNG; up to `wait` seconds for the device node of a TPM the firmware announces."""
     device = device or TPM_DEVICE
-    firmware_table = firmware_table or ACPI_TPM2_TABLE
-    deadline = time.monotonic() + wait
-    while not os.path.exists(device):
-        if time.monotonic() >= deadline or not os.path.exists(firmware_table):
-            raise SeedError(f"no {device}")
-        time.sleep(0.01)
+    wait_for_device(device, wait, firmware_table)
     fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
     try:
         return get_random(fd, count)
     finally:
         os.close(fd)
+
+
+def tpm_driver(link: str | None = None) -> str | None:
+    """The kernel driver of the TPM (tpm_crb, tpm_tis, tpm_tis_spi, ...), None if unknown."""
+    try:
+        return os.path.basename(os.readlink(link or TPM_DRIVER))
+    except OSError:
+        return None
+
+
+def hwrng_refused(cmdline: str | None = None) -> bool:
+    """`rng_core.default_quality=0` on the kernel command line: credit no hardware RNG."""
+    try:
+        with open(cmdline or CMDLINE) as f:
+            return "rng_core.default_quality=0" in f.read().split()
+    except OSError:
+        return False
 
 
 def credit(data: bytearray, random_device: str = "/dev/random") -> None:
@@ -106,23 +133,18 @@ def credit(data: bytearray, random_device: str = "/dev/random") -> None:
         request[:] = bytes(len(request))
 
 
-def hwrng_trusted(parameter: str | None = None) -> bool:
-    """False when the kernel was told to credit no hardware RNG (`rng_core.default_quality=0`):
-    the TPM's hwrng would not be trusted by the kernel either, so neither is it here."""
-    try:
-        with open(parameter or RNG_CORE_QUALITY) as f:
-            return f.read().strip() != "0"
-    except OSError:
-        return True  # no hwrng core in this kernel: nothing was said against it
-
-
 def seed_from_tpm(device: str | None = None, wait: float = 0) -> bool:
     """Seed the pool from the TPM unless it is seeded already; False if it was (nothing done)."""
     if pool_seeded():
         return False
-    if not hwrng_trusted():
-        raise SeedError("rng_core.default_quality=0: hardware RNGs are not to be credited")
-    data = bytearray(tpm_random(SEED_BYTES, device, wait))
+    if hwrng_refused():
+        raise SeedError("rng_core.default_quality=0: no hardware RNG is to be credited")
+    device = device or TPM_DEVICE
+    wait_for_device(device, wait)
+    driver = tpm_driver()
+    if driver not in BUSLESS_DRIVERS:
+        raise SeedError(f"the TPM ({driver or 'driver unknown'}) is on a bus where its answer could be read")
+    data = bytearray(tpm_random(SEED_BYTES, device))
     try:
         credit(data)
     finally:

@@ -103,15 +103,37 @@ def test_a_seeded_pool_gets_nothing_and_the_tpm_is_not_asked(tmp_path: Path) -> 
     assert entropy.seed_from_tpm(str(tmp_path / "tpmrm0")) is False
 
 
-def test_a_kernel_told_to_trust_no_hwrng_gets_no_credit_from_the_tpm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`rng_core.default_quality=0`: the kernel would not credit its TPM hwrng; neither do we."""
-    quality = tmp_path / "default_quality"
-    quality.write_text("0\n")
-    monkeypatch.setattr(entropy, "RNG_CORE_QUALITY", str(quality))
-    monkeypatch.setattr(entropy, "pool_seeded", lambda: False)  # as early in such a boot
+@pytest.fixture
+def early_boot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The kernel's state as early in a boot without a CPU RNG: the pool not seeded, a TPM device
+    node (here a regular file: read, it gives a short response), a driver link, a command line."""
+    monkeypatch.setattr(entropy, "pool_seeded", lambda: False)
+    (tmp_path / "tpmrm0").write_bytes(b"")
+    monkeypatch.setattr(entropy, "TPM_DRIVER", str(tmp_path / "driver"))
+    (tmp_path / "cmdline").write_text("root=/dev/mapper/root quiet\n")
+    monkeypatch.setattr(entropy, "CMDLINE", str(tmp_path / "cmdline"))
+    return tmp_path
+
+
+def test_a_firmware_or_virtual_tpm_is_asked(early_boot: Path) -> None:
+    (early_boot / "driver").symlink_to("../../../bus/platform/drivers/tpm_crb")
+    assert entropy.tpm_driver() == "tpm_crb"
+    with pytest.raises(SeedError, match="short TPM response"):  # it was asked: the file was read
+        entropy.seed_from_tpm(str(early_boot / "tpmrm0"))
+
+
+@pytest.mark.parametrize("driver", ["tpm_tis", "tpm_tis_spi", None])
+def test_a_tpm_on_a_bus_is_not_asked(driver: str | None, early_boot: Path) -> None:
+    """Its GetRandom answer would cross the LPC/SPI bus in the clear, and the salted session is
+    there against whoever listens on that bus: the kernel's own jitter is waited for instead."""
+    if driver is not None:
+        (early_boot / "driver").symlink_to(f"../../../bus/pnp/drivers/{driver}")
+    with pytest.raises(SeedError, match=r"is on a bus where its answer could be read"):
+        entropy.seed_from_tpm(str(early_boot / "tpmrm0"))
+
+
+def test_a_kernel_told_to_credit_no_hwrng_gets_no_credit_from_the_tpm(early_boot: Path) -> None:
+    (early_boot / "driver").symlink_to("../../../bus/platform/drivers/tpm_crb")
+    (early_boot / "cmdline").write_text("quiet rng_core.default_quality=0\n")
     with pytest.raises(SeedError, match="rng_core.default_quality=0"):
-        entropy.seed_from_tpm(str(tmp_path / "tpmrm0"))
-    quality.write_text("1024\n")
-    assert entropy.hwrng_trusted()
-    quality.unlink()
-    assert entropy.hwrng_trusted(), "no hwrng core: nothing said against it"
+        entropy.seed_from_tpm(str(early_boot / "tpmrm0"))
