@@ -24,12 +24,10 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
-import time
+
+from .tpmnode import ACPI_TPM2_TABLE, wait_for_node
 
 TPM_DEVICE = "/dev/tpmrm0"
-# The firmware's ACPI table for a TPM 2.0: when present, a missing /dev/tpmrm0 only means its driver
-# has not loaded yet (udev's coldplug, or the hook's modprobe, is still running beside us at boot).
-ACPI_TPM2_TABLE = "/sys/firmware/acpi/tables/TPM2"
 SEED_BYTES = 32  # 256 bits: what the kernel's crng needs to count as seeded
 _TPM_ST_NO_SESSIONS = 0x8001
 _TPM_CC_GET_RANDOM = 0x0000017B
@@ -83,11 +81,8 @@ def get_random(fd: int, count: int = SEED_BYTES) -> bytes:
 
 def wait_for_device(device: str, wait: float = 0, firmware_table: str | None = None) -> None:
     """Up to `wait` seconds for the device node of a TPM the firmware announces; SeedError without it."""
-    deadline = time.monotonic() + wait
-    while not os.path.exists(device):
-        if time.monotonic() >= deadline or not os.path.exists(firmware_table or ACPI_TPM2_TABLE):
-            raise SeedError(f"no {device}")
-        time.sleep(0.01)
+    if wait_for_node((device,), wait, firmware_table or ACPI_TPM2_TABLE, poll=0.01) is None:
+        raise SeedError(f"no {device}")
 
 
 def tpm_random(count: int = SEED_BYTES, device: str | None = None, wait: float = 0,

@@ -8,7 +8,6 @@ never crosses the TPM bus in clear. TPM errors become the exceptions of errors.p
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,11 +16,11 @@ from dataclasses import dataclass
 os.environ.setdefault("TSS2_LOG", "all+NONE")
 
 from . import tss
-from .entropy import ACPI_TPM2_TABLE
 from .errors import CorruptError, LockoutError, NoTpmError, PolicyError, UsageError
 from .log import trace
 from .policy import BANKS, PcrSelection
 from .secret import Secret
+from .tpmnode import ACPI_TPM2_TABLE, DEVICE_NODES, wait_for_node
 from .tss import CData, TssError, lib
 
 SRK_PERSISTENT_HANDLE = 0x81000001
@@ -29,9 +28,6 @@ MAX_SEALED = 128  # TPM2B_SENSITIVE_DATA limit
 DEFAULT_NV_INDEX = 0x01500016
 _TCTI_LAYER_MASK = 0xFFFF0000
 _TCTI_LAYER = 0x000A0000
-
-
-DEVICE_NODES = ("/dev/tpmrm0", "/dev/tpm0")
 
 
 def resolve_tcti(explicit: str | None, wait: float = 0) -> str:
@@ -42,19 +38,11 @@ def resolve_tcti(explicit: str | None, wait: float = 0) -> str:
     for value in (explicit, os.environ.get("TPM2_UNLOCKER_TCTI"), os.environ.get("TPM2TOOLS_TCTI")):
         if value:
             return value
-    deadline = time.monotonic() + wait
-    waited = False
-    while True:
-        for dev in DEVICE_NODES:
-            if os.path.exists(dev):
-                return f"device:{dev}"
-        if time.monotonic() >= deadline or not os.path.exists(ACPI_TPM2_TABLE):
-            break
-        if not waited:
-            trace("the firmware has a TPM 2.0; waiting for its device node")
-            waited = True
-        time.sleep(0.05)
-    raise NoTpmError("no TPM found (no /dev/tpmrm0 or /dev/tpm0; set --tcti for a simulator)")
+    node = wait_for_node(DEVICE_NODES, wait, ACPI_TPM2_TABLE,
+                         on_wait=lambda: trace("the firmware has a TPM 2.0; waiting for its device node"))
+    if node is None:
+        raise NoTpmError("no TPM found (no /dev/tpmrm0 or /dev/tpm0; set --tcti for a simulator)")
+    return f"device:{node}"
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from unlocker import tpm
+from unlocker import tpm, tpmnode
 from unlocker.errors import NoTpmError
 
 
@@ -32,7 +32,7 @@ def test_no_tpm_announced_means_no_wait(fake_system: tuple[Path, Path], monkeypa
     def no_sleep(_: float) -> None:
         raise AssertionError("waited for a TPM the firmware does not announce")
 
-    monkeypatch.setattr(tpm.time, "sleep", no_sleep)
+    monkeypatch.setattr(tpmnode.time, "sleep", no_sleep)
     with pytest.raises(NoTpmError, match="no TPM found"):
         tpm.resolve_tcti(None, wait=3600)
 
