@@ -61,8 +61,7 @@ class Started:
     def __init__(self, argv: list[str]) -> None:
         self.argv = argv
         trace("run (started, input to follow): " + " ".join(argv))
-        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      env=child_env())
+        self._proc = _popen(argv, subprocess.PIPE)
         self._done = False
 
     def finish(self, input: bytes | bytearray | memoryview, timeout: float | None = None) -> Completed:
@@ -78,6 +77,11 @@ class Started:
         self._proc.kill()
         self._proc.communicate()
         trace(f"run: {self.argv[0]} cancelled")
+
+
+def _popen(argv: list[str], stdin: int, pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(),
+                            pass_fds=tuple(pass_fds))
 
 
 def _collect(proc: subprocess.Popen[bytes], argv: list[str], input: bytes | bytearray | memoryview | None,
@@ -105,12 +109,5 @@ def run(
     """
     argv = list(argv)
     trace("run: " + " ".join(argv))
-    proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=child_env(),
-        pass_fds=tuple(pass_fds),
-    )
+    proc = _popen(argv, subprocess.PIPE if input is not None else subprocess.DEVNULL, pass_fds)
     return _collect(proc, argv, input, timeout)
