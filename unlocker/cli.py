@@ -100,8 +100,11 @@ def verb_unpack(opts: argparse.Namespace) -> int:
 
     from .unpack import unpack
 
-    program = unpack(Path(opts.dir))
-    say(f"unpacked into {opts.dir}: run {program}")
+    done = unpack(Path(opts.dir))
+    if done.checked:
+        say(f"unpacked into {opts.dir}: run {done.program}")
+    else:
+        say(f"unpacked into {opts.dir} (not started to check it: {opts.dir} is on a noexec mount)")
     return EXIT_OK
 
 

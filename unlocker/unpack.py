@@ -12,8 +12,10 @@ the one file carries). The distributable stays the one file.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
@@ -34,8 +36,21 @@ def bundle_home() -> Path:
     return Path(home)
 
 
-def unpack(dest: Path) -> Path:
-    """Write DIR/tpm2-unlocker and DIR/_internal; return the program's path, checked to start."""
+@dataclass(frozen=True)
+class Unpacked:
+    """Where the program went, and whether it was started to check it (not on a noexec mount)."""
+
+    program: Path
+    checked: bool
+
+
+def unpack(dest: Path) -> Unpacked:
+    """Write DIR/tpm2-unlocker and DIR/_internal, and check that the program starts.
+
+    Image builders stage the image under /tmp or /var/tmp, which hardened systems mount noexec:
+    there nothing can be started, and the copy stands unchecked (`checked` False) rather than
+    failing the image build; at boot it runs from the initramfs.
+    """
     home = bundle_home()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UsageError(f"{dest} exists and is not an empty directory")
@@ -50,6 +65,8 @@ def unpack(dest: Path) -> Path:
             program.chmod(0o755)
         except OSError as exc:
             raise UsageError(f"cannot unpack into {dest}: {exc.strerror or exc}") from None
+        if os.statvfs(dest).f_flag & os.ST_NOEXEC:
+            return Unpacked(program, checked=False)
         result = run([str(program), "--version"])
         if result.returncode != 0 or result.stdout.decode(errors="replace").strip() != f"tpm2-unlocker {__version__}":
             raise UsageError(f"the unpacked program in {dest} does not start "
@@ -59,4 +76,4 @@ def unpack(dest: Path) -> Path:
         shutil.rmtree(dest / CONTENTS, ignore_errors=True)
         program.unlink(missing_ok=True)
         raise
-    return program
+    return Unpacked(program, checked=True)

@@ -48,3 +48,27 @@ def test_unpack_refuses_a_directory_in_use(artifacts: Artifacts, tmp_path: Path)
     assert done.returncode == 1
     assert done.stderr == f"tpm2-unlocker: {tmp_path} exists and is not an empty directory\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["something"]
+
+
+def test_unpack_onto_a_noexec_mount_copies_without_starting_it(artifacts: Artifacts, tmp_path: Path) -> None:
+    """mkinitcpio stages its image under /tmp, dracut under /var/tmp; hardened systems mount them
+    noexec. The image build must not fail there: the program is copied, not started."""
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "noexec", "tmpfs", str(staging)], check=True)
+    try:
+        out = staging / "usr" / "lib" / "tpm2-unlocker"
+        done = subprocess.run([str(artifacts.binary), "unpack", str(out)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == f"tpm2-unlocker: unpacked into {out} (not started to check it: {out} is on a noexec mount)\n"
+        assert (out / "tpm2-unlocker").read_bytes() == _launcher_in(artifacts.binary, tmp_path)
+        assert (out / "_internal" / "libpython3.11.so.1.0").is_file()
+    finally:
+        subprocess.run(["umount", str(staging)], check=True)
+
+
+def _launcher_in(binary: Path, work: Path) -> bytes:
+    """The one-folder launcher as the one file carries it, unpacked by a normal (checked) run."""
+    done = subprocess.run([str(binary), "unpack", str(work / "reference")], capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return (work / "reference" / "tpm2-unlocker").read_bytes()
