@@ -12,6 +12,7 @@ the one file carries). The distributable stays the one file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -74,6 +75,7 @@ def unpack(dest: Path) -> Unpacked:
     except UsageError:
         # leave nothing half-written in the image being built
         shutil.rmtree(dest / CONTENTS, ignore_errors=True)
-        program.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # nothing there to remove, or no directory to remove it from
+            program.unlink()
         raise
     return Unpacked(program, checked=True)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import subprocess
+import sys
+
 import pytest
 from helpers import run_cli
 
@@ -19,6 +22,7 @@ from helpers import run_cli
     (["unlock", "/dev/null", "--tries", "-1"], 1, b"--tries must be 0 or more"),
     (["adopt", "/dev/null", "--pcrs", "sha256:7"], 1, b"one of --blob PUB PRIV or --nv INDEX"),
     (["adopt", "/dev/null", "--nv", "0x1500016"], 1, b"adopt needs --pcrs"),
+    (["unpack"], 1, b"the following arguments are required: DIR"),
 ])
 def test_bad_command_lines(args: list[str], code: int, message: bytes) -> None:
     done = run_cli(*args)
@@ -44,3 +48,13 @@ def test_unlock_of_a_disk_without_enrolment(disk: Path) -> None:
 def test_version_needs_no_tpm() -> None:
     done = run_cli("--version")
     assert done.returncode == 0 and done.stdout.startswith(b"tpm2-unlocker ")
+
+
+def test_unpack_needs_the_frozen_binary(tmp_path: Path) -> None:
+    """Under plain Python there is no one-file bundle to lay out: one line and a hint, nothing written."""
+    done = subprocess.run([sys.executable, "-m", "unlocker.cli", "unpack", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr == ("tpm2-unlocker: unpack works on the frozen one-file binary only\n"
+                           "tpm2-unlocker: hint: build it with ./run binary and run dist/tpm2-unlocker unpack DIR\n")
+    assert not (tmp_path / "out").exists()

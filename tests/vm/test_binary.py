@@ -50,6 +50,14 @@ def test_unpack_refuses_a_directory_in_use(artifacts: Artifacts, tmp_path: Path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["something"]
 
 
+def test_unpack_where_nothing_can_be_written_says_so_and_exits_1(artifacts: Artifacts, tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_bytes(b"")
+    out = tmp_path / "a-file" / "tpm2-unlocker"
+    done = subprocess.run([str(artifacts.binary), "unpack", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr == f"tpm2-unlocker: cannot unpack into {out}: Not a directory\n"
+
+
 def test_unpack_onto_a_noexec_mount_copies_without_starting_it(artifacts: Artifacts, tmp_path: Path) -> None:
     """mkinitcpio stages its image under /tmp, dracut under /var/tmp; hardened systems mount them
     noexec. The image build must not fail there: the program is copied, not started."""
