@@ -119,7 +119,7 @@ def start(cipher: str = DEFAULT_CIPHER) -> list[threading.Thread]:
     """Start the warm-up once per run; later calls return the threads already started."""
     if not _started:
         # three threads, as each mostly waits: on the kernel's modprobe helpers (one per piece of
-        # the cipher), on modprobe, on timer jitter
+        # the cipher), on modprobe, on the TPM (or, without a usable one, on timer jitter)
         steps = {"cipher": _cipher_step(cipher), "dm-crypt": _dm_crypt_step, "entropy": _seed_entropy}
         for name, step in steps.items():
             _started.append(threading.Thread(target=_best_effort(step), name=f"warm-up: {name}", daemon=True))
