@@ -118,9 +118,9 @@ def explain_policy_failure(tpm: Tpm, token: Token, exc: PolicyError) -> PolicyEr
                        hint="after an intended update, run 'tpm2-unlocker reseal' once booted")
 
 
-def unseal_any(device: LuksDevice, connection: TpmConnection) -> tuple[Secret, Token]:
-    """The key of the first token that unseals, or the most telling error of why none did."""
-    tokens = device.our_tokens()
+def unseal_any(device: LuksDevice, tokens: list[tuple[int, Token | CorruptError]],
+               connection: TpmConnection) -> tuple[Secret, Token]:
+    """The key of the first of the device's `tokens` that unseals, or the most telling error of why none did."""
     if not tokens:
         raise UsageError(f"{device.path} has no tpm2-unlocker enrolment (run 'tpm2-unlocker enroll' first)")
     reasons: list[UnlockerError] = [t for _, t in tokens if isinstance(t, CorruptError)]
@@ -149,7 +149,8 @@ def spare_cpu() -> bool:
     return len(os.sched_getaffinity(0)) > 1
 
 
-def start_open(device: LuksDevice, name: str, test: bool) -> PendingOpen | None:
+def start_open(device: LuksDevice, tokens: list[tuple[int, Token | CorruptError]], name: str,
+               test: bool) -> PendingOpen | None:
     """Start `cryptsetup open` of the first enrolment's keyslot before its key is unsealed: its
     exec, libraries and header read then overlap the TPM's work. Only with a second CPU (on one,
     the two only take turns: measured in the TCG guest, the busybox window grew 0.1 s; with two
@@ -158,7 +159,7 @@ def start_open(device: LuksDevice, name: str, test: bool) -> PendingOpen | None:
     as usual and says what is wrong."""
     if not spare_cpu() or (not test and not os.path.exists(DM_CONTROL)):
         return None
-    slots = [t.keyslot for _, t in device.our_tokens() if isinstance(t, Token)]
+    slots = [t.keyslot for _, t in tokens if isinstance(t, Token)]
     if not slots:
         return None
     try:
@@ -191,9 +192,10 @@ def unlock(opts: UnlockOptions) -> None:
     failure: type[UnlockerError] = WrongPassphraseError
     if opts.use_tpm:
         connection = opts.tpm or TpmConnection(opts.tcti)
-        pending = start_open(device, name, opts.test) if opts.open_early else None
+        tokens = device.our_tokens()  # parsed once, for the early open and the unseal
+        pending = start_open(device, tokens, name, opts.test) if opts.open_early else None
         try:
-            key, token = unseal_any(device, connection)
+            key, token = unseal_any(device, tokens, connection)
             with key:
                 if not open_or_test(device, key, name, token.keyslot, opts, pending):
                     raise CorruptError(f"the unsealed key does not open keyslot {token.keyslot}")

@@ -286,7 +286,8 @@ def test_no_device_mapper_yet_means_the_open_waits_for_the_key(disk: Path, key_f
 
     enroll(disk, key_file, tpm)
     monkeypatch.setattr(unlock_module, "DM_CONTROL", "/nonexistent/mapper/control")
-    assert start_open(LuksDevice(str(disk)), "tpm2u-test", test=False) is None
+    device = LuksDevice(str(disk))
+    assert start_open(device, device.our_tokens(), "tpm2u-test", test=False) is None
 
 
 def test_on_one_cpu_the_open_waits_for_the_key(disk: Path, key_file: Path, tpm: Swtpm) -> None:
@@ -303,6 +304,7 @@ def test_on_one_cpu_the_open_waits_for_the_key(disk: Path, key_file: Path, tpm: 
     try:
         os.sched_setaffinity(0, {min(cpus)})
         assert not spare_cpu()
-        assert start_open(LuksDevice(str(disk)), "unused", test=True) is None
+        device = LuksDevice(str(disk))
+        assert start_open(device, device.our_tokens(), "unused", test=True) is None
     finally:
         os.sched_setaffinity(0, cpus)
