@@ -1,26 +1,29 @@
 """Command line: parses arguments, calls one verb, and is the one place errors become exit codes.
 
 Verb modules are imported lazily so `--version` and `--help` never load tpm2_pytss (start-up cost
-matters in the initramfs).
+matters in the initramfs). For the same reason the boot's own command line (`unlock` with the
+options the hooks pass) is read without argparse: its import and the parser's construction were
+~0.1 s of a boot under emulation. Any other command line goes through argparse.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from types import SimpleNamespace
 
-from . import __version__
+from . import TYPE_CHECKING, __version__
 from .errors import EXIT_OK, EXIT_USAGE, UnlockerError, UsageError
 from .log import debug_on_cmdline, hint, say, set_debug, trace
 from .policy import DEFAULT_PCRS, PcrSelection
 
+if TYPE_CHECKING:
+    import argparse
+    from typing import NoReturn
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # argparse exits 2; usage errors are 1 here
-        raise UsageError(f"{message} (see '{self.prog} --help')")
+DEFAULT_TRIES = 3
+DEFAULT_TIMEOUT = 30
 
 
 def _selection(text: str) -> PcrSelection:
@@ -109,10 +112,14 @@ def verb_unpack(opts: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tpm2-unlocker", description="Unlock LUKS2 disks with a key sealed by the TPM 2.0.")
+    import argparse
+
+    from .argparser import Parser
+
+    parser = Parser(prog="tpm2-unlocker", description="Unlock LUKS2 disks with a key sealed by the TPM 2.0.")
     parser.add_argument("--version", action="version", version=f"tpm2-unlocker {__version__}")
     parser.add_argument("--debug", action="store_true", help="log commands and show tracebacks")
-    verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
 
     def verb(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
         p = verbs.add_parser(name, help=help, description=help)
@@ -135,9 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("device", nargs="?")
     p.add_argument("name", nargs="?", help="mapping name (default luks-UUID)")
     p.add_argument("--test", action="store_true", help="only prove the key opens its keyslot; map nothing")
-    p.add_argument("--tries", type=int, default=3, help="passphrase attempts after a TPM failure (default 3; "
+    p.add_argument("--tries", type=int, default=DEFAULT_TRIES,
+                   help=f"passphrase attempts after a TPM failure (default {DEFAULT_TRIES}; "
                    "0: TPM only, leave the device closed for systemd-cryptsetup)")
-    p.add_argument("--timeout", type=float, default=30, help="seconds to wait for boot devices (default 30)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help=f"seconds to wait for boot devices (default {DEFAULT_TIMEOUT})")
     p.add_argument("--no-tpm", action="store_true", help="ask for the passphrase without trying the TPM "
                    "(a first run with --tries 0 tried it and said why it failed)")
 
@@ -169,13 +178,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The options of `unlock` the boot passes (`_boot_unlock`): value options and their types, flags.
+_BOOT_VALUES: dict[str, Callable[[str], object]] = {"--tries": int, "--timeout": float, "--tcti": str}
+_BOOT_FLAGS = ("--no-tpm", "--debug")
+
+
+def _boot_unlock(args: list[str]) -> SimpleNamespace | None:
+    """`unlock` without DEVICE and with only the options in _BOOT_VALUES/_BOOT_FLAGS: the same
+    namespace argparse would make. None for anything else (argparse then parses it or says why not):
+    another verb or option, a DEVICE, a value that starts with '-' or that int()/float() refuse."""
+    if args[:1] != ["unlock"]:
+        return None
+    opts: dict[str, object] = {"verb": "unlock", "func": verb_unlock, "device": None, "name": None, "test": False,
+                               "tries": DEFAULT_TRIES, "timeout": DEFAULT_TIMEOUT, "no_tpm": False, "tcti": None,
+                               "debug": False}
+    rest = args[1:]
+    while rest:
+        option, equals, value = rest.pop(0).partition("=")
+        if option in _BOOT_FLAGS and not equals:
+            opts[option[2:].replace("-", "_")] = True
+        elif option in _BOOT_VALUES:
+            if not equals:
+                if not rest:
+                    return None
+                value = rest.pop(0)
+            if value.startswith("-"):
+                return None
+            try:
+                opts[option[2:]] = _BOOT_VALUES[option](value)
+            except ValueError:
+                return None
+        else:
+            return None
+    return SimpleNamespace(**opts)
+
+
+def parse_args(args: list[str]) -> argparse.Namespace | SimpleNamespace:
+    boot = _boot_unlock(args)
+    return boot if boot is not None else build_parser().parse_args(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or debug_on_cmdline()
     set_debug(debug)
     trace(f"tpm2-unlocker {__version__}: {' '.join(args)}")
     try:
-        opts = build_parser().parse_args(args)
+        opts = parse_args(args)
         if opts.verb is None:
             raise UsageError("no verb given (enroll, unlock, reseal, status, remove, adopt, unpack; see --help)")
         return int(opts.func(opts))

@@ -9,12 +9,15 @@ import json
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any
 
+from . import TYPE_CHECKING
 from .errors import CorruptError, CryptsetupError, DeviceNotFoundError, UsageError
 from .run import Completed, Started, run
 from .secret import Secret
 from .token import TOKEN_TYPE, Token, parse_token
+
+if TYPE_CHECKING:
+    from typing import Any
 
 CRYPTSETUP = "cryptsetup"
 MAX_KEYSLOTS = 32

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any
 
+from . import TYPE_CHECKING
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from typing import Any
 
 TPM_CC_POLICY_PCR = 0x0000017F
 TPM_CC_POLICY_AUTH_VALUE = 0x0000016B

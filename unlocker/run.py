@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -48,7 +47,14 @@ def child_env() -> dict[str, str]:
 
 
 def which(program: str) -> str | None:
-    return shutil.which(program, path=child_env()["PATH"] + ":/usr/sbin:/sbin")
+    """The program as a child would find it (in child_env's PATH): shutil.which without shutil, whose
+    import is ~10 ms of a boot under emulation."""
+    dirs = [""] if "/" in program else child_env()["PATH"].split(":")
+    for directory in dirs:
+        path = os.path.join(directory, program)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
 
 
 class Started:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
-from typing import Self
 
+from . import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Self
 
 class Secret:
     """Bytes of a key or passphrase in a bytearray. Use as a context manager; wiped on exit."""

@@ -11,10 +11,13 @@ import binascii
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
+from . import TYPE_CHECKING
 from .errors import CorruptError
 from .policy import BANKS, PCR_COUNT, PcrSelection
+
+if TYPE_CHECKING:
+    from typing import Any
 
 TOKEN_TYPE = "tpm2-unlocker"
 TOKEN_VERSION = 1

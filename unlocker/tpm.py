@@ -15,13 +15,16 @@ from dataclasses import dataclass
 # tpm2-tss logs every TPM error on stderr; we report our own one line instead.
 os.environ.setdefault("TSS2_LOG", "all+NONE")
 
-from . import tss
+from . import TYPE_CHECKING, tss
 from .errors import CorruptError, LockoutError, NoTpmError, PolicyError, UsageError
 from .log import trace
 from .policy import BANKS, PcrSelection
 from .secret import Secret
 from .tpmnode import ACPI_TPM2_TABLE, DEVICE_NODES, wait_for_node
-from .tss import CData, TssError, lib
+from .tss import TssError, lib
+
+if TYPE_CHECKING:
+    from .tss import CData
 
 SRK_PERSISTENT_HANDLE = 0x81000001
 MAX_SEALED = 128  # TPM2B_SENSITIVE_DATA limit

@@ -14,11 +14,16 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
-from typing import Any
+
+from . import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
+
+    # a cffi pointer or structure (cffi has no static types for them)
+    CData = Any
 
 MODULE = "tpm2_pytss._libtpm2_pytss"
-# a cffi pointer or structure (cffi has no static types for them)
-CData = Any
 
 
 def _extension_path() -> str:

@@ -6,9 +6,8 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from . import store
+from . import TYPE_CHECKING, store
 from .errors import CorruptError, DeviceNotFoundError, NoTpmError, PolicyError, UnlockerError, UsageError, WrongPassphraseError
 from .log import hint, say, trace
 from .luks import LuksDevice, PendingOpen

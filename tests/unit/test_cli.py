@@ -58,3 +58,57 @@ def test_unpack_needs_the_frozen_binary(tmp_path: Path) -> None:
     assert done.stderr == ("tpm2-unlocker: unpack works on the frozen one-file binary only\n"
                            "tpm2-unlocker: hint: build it with ./run binary and run dist/tpm2-unlocker unpack DIR\n")
     assert not (tmp_path / "out").exists()
+
+
+# The boot's command lines (the hooks' and the unit's), and variants a user may type.
+BOOT_LINES = [
+    ["unlock"],
+    ["unlock", "--tries", "0", "--timeout", "30"],
+    ["unlock", "--tries", "3", "--timeout", "15", "--no-tpm"],
+    ["unlock", "--tries=0", "--timeout=2.5", "--tcti", "swtpm:port=2321", "--debug"],
+    ["unlock", "--no-tpm", "--tries", "1", "--tries", "2"],
+    ["unlock", "--tcti=", "--timeout", "inf"],
+]
+
+
+@pytest.mark.parametrize("args", BOOT_LINES)
+def test_boot_command_line_parses_as_argparse_would(args: list[str]) -> None:
+    from unlocker import cli
+
+    fast = cli._boot_unlock(args)
+    assert fast is not None
+    assert vars(fast) == vars(cli.build_parser().parse_args(args))
+
+
+@pytest.mark.parametrize("args", [
+    [], ["status"], ["--debug", "unlock"], ["unlock", "/dev/vda"], ["unlock", "--test"], ["unlock", "--tries"],
+    ["unlock", "--tries", "x"], ["unlock", "--tries", "-1"], ["unlock", "--timeout", "--no-tpm"],
+    ["unlock", "--no-tpm=1"], ["unlock", "--tri", "0"], ["unlock", "--", "/dev/vda"],
+])
+def test_other_command_lines_go_to_argparse(args: list[str]) -> None:
+    from unlocker import cli
+
+    assert cli._boot_unlock(args) is None
+
+
+def test_boot_path_imports_neither_argparse_nor_typing_nor_shutil() -> None:
+    """What the boot imports is start-up time in the initramfs: these three are not needed there."""
+    code = ("import sys\nfrom unlocker import warmup, cli\nimport unlocker.unlock, unlocker.devices\n"
+            "cli.parse_args(['unlock', '--tries', '0', '--timeout', '30'])\n"
+            "print(' '.join(m for m in ('argparse', 'typing', 'shutil') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ""
+
+
+def test_which_finds_programs_as_children_would(tmp_path: Path) -> None:
+    from unlocker.run import which
+
+    assert which("cryptsetup") in ("/usr/sbin/cryptsetup", "/sbin/cryptsetup")
+    assert which("/usr/sbin/cryptsetup") == "/usr/sbin/cryptsetup"
+    assert which("no-such-program-here") is None
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    assert which(str(plain)) is None  # not executable
+    assert which(str(tmp_path)) is None  # a directory
