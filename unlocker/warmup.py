@@ -18,20 +18,24 @@ Everything is best effort: a failure only means the work is done later, where it
 from __future__ import annotations
 
 # _socket, not socket: the C module alone binds an AF_ALG socket, and socket.py turns every
-# constant into enums at import (tens of ms of a boot under emulation)
+# constant into enums at import (tens of ms of a boot under emulation). _thread, not threading, at
+# the top: the cipher's thread starts before threading is imported (`start`).
 import _socket
+import _thread
 import os
-import threading
-from collections.abc import Callable, Sequence
 
-from . import entropy
+from . import TYPE_CHECKING, entropy
 from .log import debug_on_cmdline, set_debug, trace
+
+if TYPE_CHECKING:
+    import threading
+    from collections.abc import Callable, Sequence
 
 # LUKS2's default (cryptsetup >= 2.0): aes-xts-plain64 for the volume and its keyslots.
 DEFAULT_CIPHER = "xts(aes)"
 _started: list[threading.Thread] = []
 TPM_WAIT = 5.0  # seconds for the device node of a TPM the firmware announces (its driver may still load)
-_dm_tried = threading.Event()  # set once the warm-up's modprobe of dm-crypt finished (or failed)
+_dm_tried: threading.Event | None = None  # set once the warm-up's modprobe of dm-crypt finished (or failed)
 
 
 def _instantiate_cipher(cipher: str) -> bool:
@@ -95,7 +99,8 @@ def _dm_crypt_step() -> None:
     try:
         _load_dm_crypt()
     finally:
-        _dm_tried.set()
+        if _dm_tried is not None:
+            _dm_tried.set()
 
 
 def _cipher_step(cipher: str) -> Callable[[], None]:
@@ -111,16 +116,25 @@ def wait_for_dm_crypt(timeout: float = 10) -> None:
     Without device-mapper loaded cryptsetup fails ("Cannot initialize device-mapper"), and with a
     fast TPM the key can be unsealed before that modprobe is done.
     """
-    if _started:
+    if _started and _dm_tried is not None:
         _dm_tried.wait(timeout)
 
 
 def start(cipher: str = DEFAULT_CIPHER) -> list[threading.Thread]:
-    """Start the warm-up once per run; later calls return the threads already started."""
+    """Start the warm-up once per run; later calls return the threads already started.
+
+    Three threads, as each mostly waits: on the kernel's modprobe helpers (one per piece of the
+    cipher), on modprobe, on the TPM (or, without a usable one, on timer jitter). The cipher's comes
+    first, as a bare thread (nothing joins it): the kernel's work for it is the longest, and the
+    import of threading (~0.1 s of a boot under emulation) need not come before it.
+    """
+    global _dm_tried
     if not _started:
-        # three threads, as each mostly waits: on the kernel's modprobe helpers (one per piece of
-        # the cipher), on modprobe, on the TPM (or, without a usable one, on timer jitter)
-        steps = {"cipher": _cipher_step(cipher), "dm-crypt": _dm_crypt_step, "entropy": _seed_entropy}
+        _thread.start_new_thread(_best_effort(_cipher_step(cipher)), ())
+        import threading
+
+        _dm_tried = threading.Event()
+        steps = {"dm-crypt": _dm_crypt_step, "entropy": _seed_entropy}
         for name, step in steps.items():
             _started.append(threading.Thread(target=_best_effort(step), name=f"warm-up: {name}", daemon=True))
         for thread in _started:
