@@ -215,6 +215,7 @@ def _boot_unlock(args: list[str]) -> SimpleNamespace | None:
 
 
 def parse_args(args: list[str]) -> argparse.Namespace | SimpleNamespace:
+    """The boot's command line directly, any other through argparse (which imports it)."""
     boot = _boot_unlock(args)
     return boot if boot is not None else build_parser().parse_args(args)
 

@@ -9,6 +9,7 @@ from . import TYPE_CHECKING
 if TYPE_CHECKING:
     from typing import Self
 
+
 class Secret:
     """Bytes of a key or passphrase in a bytearray. Use as a context manager; wiped on exit."""
 
