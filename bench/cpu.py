@@ -18,20 +18,19 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.run import PCRS, clear_lockout
+from bench.run import VDA, clear_lockout, enroll
 from vm.guest import PASSPHRASE, Guest, ImageKind
 from vm.images import build_binary
 from vm.initramfs import build_mkinitcpio_busybox
 from vm.kernel import fetch_kernel
 from vm.rootfs import RootImage, build_root_image
 from vm.swtpm import Swtpm
-from vm.tools import run
 
 EVENTS = ("sched:sched_switch", "sched:sched_process_exec", "module:module_load")
 CMDLINE = f"trace_event={','.join(EVENTS)} trace_buf_size=8M tpm2u.ftrace"
 OURS = "tpm2-unlocker"
 INIT = re.compile(r"\[\s*([0-9.]+)\] Run /init")
-DISK = re.compile(r"\[\s*([0-9.]+)\] virtio_blk virtio\d+: \[vda\]")
+DISK = re.compile(VDA.pattern.decode())  # the kernel's probe of the disk, as bench.run finds it
 DONE = re.compile(r"TPM2U-STOPWATCH hooks-done ([0-9.]+)")
 # "comm-pid [cpu] flags timestamp: event: details"
 EVENT = re.compile(r"^\s*(.+?)-(\d+)\s+\[\d+\]\s+\S+\s+([0-9.]+): (\w+): (.*)$")
@@ -124,7 +123,7 @@ def main() -> None:
     shutil.copy(golden.path, disk)
     state = work / "tpm"
     with Swtpm(state) as tpm:
-        run([binary, "enroll", disk, "--pcrs", PCRS, "--unlock-key-file", "-", "--tcti", tpm.tcti], input=PASSPHRASE)
+        enroll("ours-mkinitcpio", disk, tpm, binary)
     kind = ImageKind("mkinitcpio", image.path, r"Enter passphrase for /dev/vda: ")
     for i in range(opts.boots):
         clear_lockout(state)
