@@ -111,3 +111,17 @@ def test_which_finds_programs_as_children_would(tmp_path: Path) -> None:
     plain.write_text("")
     assert which(str(plain)) is None  # not executable
     assert which(str(tmp_path)) is None  # a directory
+
+
+def test_the_dracut_hooks_command_lines_take_the_fast_path() -> None:
+    """The unit's and the initqueue job's `unlock` lines are read without argparse (start-up time)."""
+    from unlocker import cli
+
+    module = Path(__file__).resolve().parents[2] / "dracut" / "90tpm2-unlocker"
+    lines = [line.split("/usr/bin/tpm2-unlocker ", 1)[1].split("||")[0].split()
+             for name in ("tpm2-unlocker.service", "tpm2-unlocker-initqueue.sh")
+             for line in (module / name).read_text().splitlines()
+             if "/usr/bin/tpm2-unlocker unlock" in line]
+    assert len(lines) == 2
+    for args in lines:
+        assert cli._boot_unlock(args) is not None, args
