@@ -4,8 +4,9 @@ Boots the busybox image (vm/minicpio, as `bench.run` builds it) with the kernel'
 module trace events on; its /init prints the trace buffer once the hooks are done (`tpm2u.ftrace`).
 From the context switches this sums the CPU seconds of each program from `/init` to the disk's probe
 (the kernel's `[vda]` line) and from there to the end of the hooks (the kernel-probe window of
-`bench.run`), shows each of our threads, and lists the programs started and the modules loaded with
-their uptime. With one emulated CPU a window is a queue: this says who is in it.
+`bench.run`), shows each of our threads, and lists the programs started, the modules the kernel
+asked for and the modules loaded, with their uptime. With one emulated CPU a window is a queue: this
+says who is in it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from vm.kernel import fetch_kernel
 from vm.rootfs import RootImage, build_root_image
 from vm.swtpm import Swtpm
 
-EVENTS = ("sched:sched_switch", "sched:sched_process_exec", "module:module_load")
+EVENTS = ("sched:sched_switch", "sched:sched_process_exec", "module:module_load", "module:module_request")
 CMDLINE = f"trace_event={','.join(EVENTS)} trace_buf_size=8M tpm2u.ftrace"
 OURS = "tpm2-unlocker"
 INIT = re.compile(r"\[\s*([0-9.]+)\] Run /init")
@@ -71,6 +72,8 @@ def parse(log: str) -> Profile:
             profile.started.append((at, details.split()[0].removeprefix("filename=")))
         elif name == "module_load":
             profile.started.append((at, f"module {details.split()[0]}"))
+        elif name == "module_request":  # the kernel asking modprobe for a module by alias
+            profile.started.append((at, f"request {details.split()[0]}"))
         elif name == "sched_switch" and (s := SWITCH.search(details)):
             if last is not None:
                 _account(profile, s.group(1), int(s.group(2)), max(last, init), at)
