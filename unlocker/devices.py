@@ -7,8 +7,8 @@ import json
 import os
 import struct
 import time
-from dataclasses import dataclass
 
+from .record import record
 from .token import TOKEN_TYPE
 
 LUKS_MAGIC = b"LUKS\xba\xbe"
@@ -16,7 +16,7 @@ UUID_OFFSET, UUID_SIZE = 168, 40
 LUKS2_HEADER_MAX = 4 * 1024 * 1024
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Target:
     """A device to open: `source` is a path or UUID=/PARTUUID=/LABEL=, `name` the mapping."""
 
@@ -24,7 +24,7 @@ class Target:
     name: str | None = None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Found:
     """A device node found for a Target; `header` (UUID, LUKS2 metadata) when finding it meant
     reading its header (no udev links), so that the caller need not read it again."""

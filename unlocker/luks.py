@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 import os
 import threading
-from dataclasses import dataclass
 
 from . import TYPE_CHECKING
 from .errors import CorruptError, CryptsetupError, DeviceNotFoundError, UsageError
+from .record import record
 from .run import Completed, Started, run
 from .secret import Secret
 from .token import TOKEN_TYPE, Token, parse_token
@@ -40,7 +40,7 @@ def _cryptsetup(args: list[str], *, input: KeyBytes | None = None, pass_fds: tup
         raise CryptsetupError("cryptsetup is not installed") from None
 
 
-@dataclass
+@record
 class LuksDevice:
     """One LUKS2 device (or image file), its header read once and kept."""
 
@@ -223,7 +223,7 @@ def _write_and_close(fd: int, data: bytes | bytearray) -> None:
         os.close(fd)
 
 
-@dataclass
+@record
 class PendingOpen:
     """A `cryptsetup open` of one keyslot, started before its key exists (LuksDevice.start_open)."""
 

@@ -8,10 +8,10 @@ H(old || TPM_CC_PolicyAuthValue). The policy itself is always SHA-256 (our objec
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from . import TYPE_CHECKING
 from .errors import UsageError
+from .record import record
 
 if TYPE_CHECKING:
     from typing import Any
@@ -31,7 +31,7 @@ PCR_COUNT = 24
 DEFAULT_PCRS = "sha256:0,2,4,7"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PcrSelection:
     """One bank and a sorted set of PCR indexes, e.g. sha256:0,2,4,7."""
 

@@ -6,9 +6,9 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from .log import trace
+from .record import record
 
 # Variables PyInstaller (or a caller) sets that must not reach a child: a frozen binary points
 # LD_LIBRARY_PATH at its own folder, and cryptsetup would then load our bundled libcrypto.
@@ -18,7 +18,7 @@ _UNSAFE_ENV = ("LD_LIBRARY_PATH", "LD_PRELOAD", "PYTHONPATH", "PYTHONHOME")
 _UNSAFE_PREFIXES = ("_PYI_", "_MEIPASS")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Completed:
     """A finished program: its argv, exit code and captured output."""
 

@@ -8,9 +8,9 @@ writes them, so tpm2-tools reads ours and we read theirs.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from .errors import CorruptError, UsageError
+from .record import record
 from .secret import Secret
 from .token import NV_INDEX_MAX, NV_INDEX_MIN, Token
 from .tpm import DEFAULT_NV_INDEX, SealedObject, Tpm
@@ -19,7 +19,7 @@ PUB_NAME, PRIV_NAME = "key.pub", "key.priv"
 PENDING = ".new"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class StoreSpec:
     """What `--store` asked for: token, nv[=INDEX] or file=DIR."""
 
@@ -51,7 +51,7 @@ class StoreSpec:
         return cls(token.store, nv_index=token.nv_index or DEFAULT_NV_INDEX, blob_dir=token.blob_dir)
 
 
-@dataclass
+@record
 class Placement:
     """The token fields that say where the sealed key went."""
 

@@ -10,11 +10,11 @@ import base64
 import binascii
 import json
 import re
-from dataclasses import dataclass, field
 
 from . import TYPE_CHECKING
 from .errors import CorruptError
 from .policy import BANKS, PCR_COUNT, PcrSelection
+from .record import field, record
 
 if TYPE_CHECKING:
     from typing import Any
@@ -30,7 +30,7 @@ _COMMON = {"type", "keyslots", "version", "store", "pcr_bank", "pcrs", "pcr_valu
 _PER_STORE = {"token": {"tpm2_public", "tpm2_private"}, "nv": {"nv_index"}, "file": {"blob_dir"}}
 
 
-@dataclass
+@record
 class Token:
     """Our LUKS2 token: where the key is sealed, for which keyslot, under which PCR policy."""
 

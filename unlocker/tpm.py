@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+
+from .record import record
 
 # tpm2-tss logs every TPM error on stderr; we report our own one line instead.
 os.environ.setdefault("TSS2_LOG", "all+NONE")
@@ -48,7 +49,7 @@ def resolve_tcti(explicit: str | None, wait: float = 0) -> str:
     return f"device:{node}"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class TpmInfo:
     """What `status` reports about the TPM."""
 
@@ -59,7 +60,7 @@ class TpmInfo:
     in_lockout: bool
 
 
-@dataclass
+@record
 class SealedObject:
     """A sealed key as TPM2B_PUBLIC + TPM2B_PRIVATE, marshalled (what tpm2_create writes)."""
 
@@ -67,7 +68,7 @@ class SealedObject:
     private: bytes
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class NvInfo:
     """An NV index as the TPM reports it: size, attributes, policy digest, whether it has noDA."""
 

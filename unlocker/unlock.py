@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from . import TYPE_CHECKING, store
 from .errors import CorruptError, DeviceNotFoundError, NoTpmError, PolicyError, UnlockerError, UsageError, WrongPassphraseError
@@ -13,6 +12,7 @@ from .log import hint, say, trace
 from .luks import LuksDevice, PendingOpen
 from .policy import changed_pcrs
 from .prompt import ask_passphrase
+from .record import record
 from .secret import Secret
 from .token import Token
 from .tpm import Tpm, resolve_tcti
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 DM_CONTROL = "/dev/mapper/control"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class UnlockOptions:
     """What `unlock DEVICE` (or the boot, per device) was asked to do."""
 
@@ -227,7 +227,7 @@ def unlock(opts: UnlockOptions) -> None:
     raise WrongPassphraseError(f"{opts.device}: no passphrase opened the disk after {opts.tries} tries")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class BootOptions:
     """What `unlock` without a device was asked to do: every device the boot names."""
 
