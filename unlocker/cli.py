@@ -8,7 +8,6 @@ options the hooks pass) is read without argparse: its import and the parser's co
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -71,6 +70,8 @@ def verb_status(opts: argparse.Namespace) -> int:
 
     result = status(opts.device, opts.tcti)
     if opts.json:
+        import json
+
         print(json.dumps(result.to_json(), indent=2))
     else:
         print(render(result))

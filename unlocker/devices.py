@@ -3,11 +3,11 @@ carrying our token. Reads LUKS headers directly (no child process per device).""
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 import time
 
+from .jsonload import loads
 from .record import record
 from .token import TOKEN_TYPE
 
@@ -106,7 +106,7 @@ def read_luks_header(path: str) -> tuple[str, dict | None] | None:
     except OSError:
         return None
     try:
-        meta = json.loads(area)
+        meta = loads(area)
     except ValueError:
         return uuid, None
     return uuid, meta if isinstance(meta, dict) else None

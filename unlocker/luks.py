@@ -5,12 +5,12 @@ Keys reach cryptsetup through stdin (`--key-file=-`) or an anonymous pipe (`/dev
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 
 from . import TYPE_CHECKING
 from .errors import CorruptError, CryptsetupError, DeviceNotFoundError, UsageError
+from .jsonload import loads
 from .record import record
 from .run import Completed, Started, run
 from .secret import Secret
@@ -61,7 +61,7 @@ class LuksDevice:
                     raise UsageError(f"{self.path} is LUKS1: tokens need LUKS2 (cryptsetup convert --type luks2)")
                 raise UsageError(f"{self.path} is not a LUKS device")
             try:
-                self._meta = json.loads(done.stdout)
+                self._meta = loads(done.stdout)
             except ValueError:
                 raise CorruptError(f"{self.path}: cryptsetup returned unreadable header metadata") from None
         assert self._meta is not None
@@ -196,6 +196,8 @@ class LuksDevice:
     def import_token(self, token: Token) -> int:
         """Write `token` under a free token id and return the id."""
         tid = self.free_token_id()
+        import json  # enrolment only: not imported on the boot path
+
         doc = json.dumps(token.to_json(), separators=(",", ":")).encode()
         done = _cryptsetup(["token", "import", "--json-file", "-", "--token-id", str(tid), self.path], input=doc)
         self._meta = None

@@ -1,14 +1,26 @@
-"""The one wrapper for child processes: clean environment, secrets only through stdin or pipes."""
+"""The one wrapper for child processes: clean environment, secrets only through stdin or pipes.
+
+Children are started with os.posix_spawn and their pipes read with select.poll, not with the
+subprocess module: its import (signal and its enums, selectors, locale and with it re, threading)
+is start-up time the boot pays under emulation (README, Performance), for features we do not use.
+What it did for us is done here: the program looked up in the children's PATH, only the pipes and
+`pass_fds` open in the child, SIGPIPE back to its default there, input written while output is read.
+"""
 
 from __future__ import annotations
 
 import os
-import subprocess
+import select
 import sys
-from collections.abc import Sequence
+import time
+from _signal import SIGKILL, SIGPIPE
 
+from . import TYPE_CHECKING
 from .log import trace
 from .record import record
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 # Variables PyInstaller (or a caller) sets that must not reach a child: a frozen binary points
 # LD_LIBRARY_PATH at its own folder, and cryptsetup would then load our bundled libcrypto.
@@ -49,11 +61,14 @@ def child_env() -> dict[str, str]:
 def which(program: str) -> str | None:
     """The program as a child would find it (in child_env's PATH): shutil.which without shutil, whose
     import is ~10 ms of a boot under emulation."""
-    dirs = [""] if "/" in program else child_env()["PATH"].split(":")
-    for directory in dirs:
-        path = os.path.join(directory, program)
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
+    return _lookup(program, child_env()["PATH"])
+
+
+def _lookup(program: str, path: str) -> str | None:
+    for directory in [""] if "/" in program else path.split(":"):
+        candidate = os.path.join(directory, program)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
     return None
 
 
@@ -67,38 +82,132 @@ class Started:
     def __init__(self, argv: list[str]) -> None:
         self.argv = argv
         trace("run (started, input to follow): " + " ".join(argv))
-        self._proc = _popen(argv, subprocess.PIPE)
+        self._child = _Child(argv, with_stdin=True)
         self._done = False
 
     def finish(self, input: bytes | bytearray | memoryview, timeout: float | None = None) -> Completed:
         """Write `input` to its stdin, close it, and wait for the program to end."""
         self._done = True
-        return _collect(self._proc, self.argv, input, timeout)
+        return self._child.collect(input, timeout)
 
     def cancel(self) -> None:
         """Unless finished: kill it before it got any input (it is blocked reading stdin), reap it."""
         if self._done:
             return
         self._done = True
-        self._proc.kill()
-        self._proc.communicate()
+        self._child.kill()
+        self._child.collect(None, None)
         trace(f"run: {self.argv[0]} cancelled")
 
 
-def _popen(argv: list[str], stdin: int, pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(),
-                            pass_fds=tuple(pass_fds))
+class _Child:
+    """A spawned program and our ends of its pipes (stdin: a pipe or /dev/null)."""
+
+    def __init__(self, argv: list[str], with_stdin: bool, pass_fds: Sequence[int] = ()) -> None:
+        self.argv = argv
+        self.returncode: int | None = None  # once reaped: the exit code, or -N for signal N
+        env = child_env()
+        path = _lookup(argv[0], env["PATH"])
+        if path is None:
+            raise FileNotFoundError(2, "No such file or directory", argv[0])
+        ours: list[int] = []  # every fd we opened, closed on the way out whatever happens
+        try:
+            if with_stdin:
+                stdin, self.stdin = os.pipe()
+                ours += [stdin, self.stdin]
+            else:
+                stdin, self.stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), -1
+                ours.append(stdin)
+            self.stdout, stdout = os.pipe()
+            self.stderr, stderr = os.pipe()
+            ours += [self.stdout, stdout, self.stderr, stderr]
+            # the fds we open are close-on-exec (PEP 446), those we inherited are closed here; dup2
+            # onto 0-2, and onto itself (which clears the flag) for pass_fds, leaves exactly these
+            actions: list[tuple[int, ...]] = [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inherited_fds(pass_fds)]
+            actions += [(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1), (os.POSIX_SPAWN_DUP2, stderr, 2)]
+            actions += [(os.POSIX_SPAWN_DUP2, fd, fd) for fd in pass_fds]
+            self.pid = os.posix_spawn(path, argv, env, file_actions=actions, setsigdef=(SIGPIPE,))
+        except BaseException:
+            for fd in ours:
+                os.close(fd)
+            raise
+        for fd in (stdin, stdout, stderr):  # the child's ends
+            os.close(fd)
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, SIGKILL)
+        except ProcessLookupError:
+            pass  # ended already (a zombie until collect() reaps it)
+
+    def collect(self, input: bytes | bytearray | memoryview | None, timeout: float | None) -> Completed:
+        """Feed `input`, read stdout and stderr to their end (killing it at `timeout`), reap it."""
+        out, err = bytearray(), bytearray()
+        try:
+            self._exchange(memoryview(input or b"").cast("B"), out, err, timeout)
+        finally:
+            for fd in (self.stdin, self.stdout, self.stderr):
+                if fd >= 0:
+                    os.close(fd)
+            self.stdin = self.stdout = self.stderr = -1
+            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        trace(f"run: {self.argv[0]} exited {self.returncode}")
+        return Completed(self.argv, self.returncode, bytes(out), bytes(err))
+
+    def _exchange(self, pending: memoryview, out: bytearray, err: bytearray, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sinks = {self.stdout: out, self.stderr: err}
+        poller = select.poll()
+        for fd in sinks:
+            poller.register(fd, select.POLLIN)
+        if self.stdin >= 0:
+            if len(pending):
+                poller.register(self.stdin, select.POLLOUT)
+            else:
+                os.close(self.stdin)
+                self.stdin = -1
+        while sinks:
+            wait_ms = None
+            if deadline is not None:
+                wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
+                if wait_ms == 0:
+                    self.kill()
+                    deadline = None  # killed: its pipes end now, read them to the end
+            for fd, event in poller.poll(wait_ms):
+                if fd == self.stdin:
+                    try:
+                        pending = pending[os.write(fd, pending[:65536]):]
+                    except BrokenPipeError:
+                        pending = pending[:0]  # it exited without reading all: its exit code says why
+                    if not len(pending):
+                        poller.unregister(fd)
+                        os.close(fd)
+                        self.stdin = -1
+                elif event & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    chunk = os.read(fd, 65536)
+                    if chunk:
+                        sinks[fd] += chunk
+                    else:
+                        poller.unregister(fd)
+                        del sinks[fd]
 
 
-def _collect(proc: subprocess.Popen[bytes], argv: list[str], input: bytes | bytearray | memoryview | None,
-             timeout: float | None) -> Completed:
+def _inherited_fds(keep: Sequence[int]) -> list[int]:
+    """Inheritable fds above 2 not in `keep`: what our parent (a hook's shell) left open for us, and
+    subprocess's close_fds would close in a child."""
     try:
-        out, err = proc.communicate(input=input, timeout=timeout)  # type: ignore[arg-type]
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-    trace(f"run: {argv[0]} exited {proc.returncode}")
-    return Completed(argv, proc.returncode, out, err)
+        listed = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return []
+    found = []
+    for fd in listed:
+        if fd > 2 and fd not in keep:
+            try:
+                if os.get_inheritable(fd):
+                    found.append(fd)
+            except OSError:
+                pass  # the listing's own fd, closed by now
+    return found
 
 
 def run(
@@ -111,9 +220,9 @@ def run(
     """Run a program, capture its output, feed `input` on stdin.
 
     Secrets go through `input` or a pipe in `pass_fds`, never in argv. A missing program raises
-    FileNotFoundError for the caller to turn into its own error.
+    FileNotFoundError for the caller to turn into its own error. At `timeout` seconds the program
+    is killed (its exit code is then -9).
     """
     argv = list(argv)
     trace("run: " + " ".join(argv))
-    proc = _popen(argv, subprocess.PIPE if input is not None else subprocess.DEVNULL, pass_fds)
-    return _collect(proc, argv, input, timeout)
+    return _Child(argv, input is not None, pass_fds).collect(input, timeout)

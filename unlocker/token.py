@@ -6,13 +6,11 @@ unexpected raises CorruptError rather than reaching the TPM or cryptsetup.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-import re
+import binascii  # not base64, which imports re (start-up time at boot)
 
 from . import TYPE_CHECKING
 from .errors import CorruptError
+from .jsonload import loads
 from .policy import BANKS, PCR_COUNT, PcrSelection
 from .record import field, record
 
@@ -28,6 +26,14 @@ NV_INDEX_MIN, NV_INDEX_MAX = 0x01000000, 0x01FFFFFF
 _COMMON = {"type", "keyslots", "version", "store", "pcr_bank", "pcrs", "pcr_values", "policy_hash",
            "srk_name", "pin", "keyslot_owned"}
 _PER_STORE = {"token": {"tpm2_public", "tpm2_private"}, "nv": {"nv_index"}, "file": {"blob_dir"}}
+_DIGITS = "0123456789"
+_LOWER_HEX = _DIGITS + "abcdef"
+_HEX = _LOWER_HEX + "ABCDEF"
+
+
+def _spelled_with(text: str, alphabet: str, lengths: range) -> bool:
+    """What re.fullmatch("[alphabet]{m,n}") says, with str methods: `re` is not imported at boot."""
+    return len(text) in lengths and not text.strip(alphabet)
 
 
 @record
@@ -63,8 +69,8 @@ class Token:
             "keyslot_owned": self.keyslot_owned,
         }
         if self.store == "token":
-            doc["tpm2_public"] = base64.b64encode(self.public).decode()
-            doc["tpm2_private"] = base64.b64encode(self.private).decode()
+            doc["tpm2_public"] = binascii.b2a_base64(self.public, newline=False).decode()
+            doc["tpm2_private"] = binascii.b2a_base64(self.private, newline=False).decode()
         elif self.store == "nv":
             doc["nv_index"] = f"0x{self.nv_index:08x}"
         else:
@@ -89,7 +95,7 @@ def _need(doc: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
 
 
 def _hex(value: str, what: str, sizes: tuple[int, ...]) -> bytes:
-    if not re.fullmatch(r"[0-9a-f]*", value):
+    if value.strip(_LOWER_HEX):
         raise CorruptError(f"token field '{what}' is not lower-case hex")
     raw = bytes.fromhex(value)
     if len(raw) not in sizes:
@@ -99,7 +105,7 @@ def _hex(value: str, what: str, sizes: tuple[int, ...]) -> bytes:
 
 def _b64(value: str, what: str) -> bytes:
     try:
-        raw = base64.b64decode(value, validate=True)
+        raw = binascii.a2b_base64(value.encode("ascii"), strict_mode=True)  # as b64decode(validate=True)
     except (binascii.Error, ValueError):
         raise CorruptError(f"token field '{what}' is not base64") from None
     if not 2 < len(raw) <= MAX_BLOB:
@@ -123,7 +129,7 @@ def parse_token(doc: Any, token_id: int | None = None) -> Token:
     if unknown:
         raise CorruptError(f"token has unknown fields: {', '.join(sorted(unknown))}")
     keyslots = _need(doc, "keyslots", list)
-    if len(keyslots) != 1 or not isinstance(keyslots[0], str) or not re.fullmatch(r"[0-9]{1,2}", keyslots[0]):
+    if len(keyslots) != 1 or not isinstance(keyslots[0], str) or not _spelled_with(keyslots[0], _DIGITS, range(1, 3)):
         raise CorruptError("token must name exactly one keyslot")
     bank = _need(doc, "pcr_bank", str)
     if bank not in BANKS:
@@ -154,7 +160,7 @@ def parse_token(doc: Any, token_id: int | None = None) -> Token:
         token.private = _b64(_need(doc, "tpm2_private", str), "tpm2_private")
     elif store == "nv":
         text = _need(doc, "nv_index", str)
-        if not re.fullmatch(r"0x[0-9a-fA-F]{1,8}", text):
+        if not (text.startswith("0x") and _spelled_with(text[2:], _HEX, range(1, 9))):
             raise CorruptError("token nv_index is not a hex number")
         token.nv_index = int(text, 16)
         if not NV_INDEX_MIN <= token.nv_index <= NV_INDEX_MAX:
@@ -169,7 +175,7 @@ def parse_token(doc: Any, token_id: int | None = None) -> Token:
 
 def parse_token_text(text: str | bytes, token_id: int | None = None) -> Token:
     try:
-        doc = json.loads(text)
+        doc = loads(text)
     except (ValueError, UnicodeDecodeError):
         raise CorruptError("token is not valid JSON") from None
     return parse_token(doc, token_id)

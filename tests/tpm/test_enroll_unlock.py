@@ -272,7 +272,7 @@ def test_a_started_cryptsetup_is_killed_when_the_tpm_says_no(disk: Path, key_fil
     with pytest.raises(PolicyError):
         unlock(UnlockOptions(str(disk), "tpm2u-test", test=False, tries=0, tcti=tpm.tcti, open_early=True))
     assert events == ["cryptsetup started"]
-    assert pendings[0].started._proc.returncode == -signal.SIGKILL
+    assert pendings[0].started._child.returncode == -signal.SIGKILL
     assert f"{disk}: TPM unlock failed: PCR 7 changed since enrolment" in capfd.readouterr().err
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -91,16 +92,20 @@ def test_other_command_lines_go_to_argparse(args: list[str]) -> None:
 
 
 # Standard modules the boot does not need, each measured as start-up time in the initramfs
-# (dataclasses: `inspect` and an `exec` per generated method; unlocker/record.py stands in).
-NOT_ON_BOOT_PATH = ("argparse", "typing", "shutil", "dataclasses", "inspect")
+# (dataclasses: `inspect` and an `exec` per generated method, unlocker/record.py stands in; json:
+# `re`, unlocker/jsonload.py runs the same C scanner; subprocess: `enum`, `re`, unlocker/run.py
+# spawns with os.posix_spawn).
+NOT_ON_BOOT_PATH = ("argparse", "typing", "shutil", "dataclasses", "inspect", "json", "re", "enum", "subprocess")
 
 
 def test_boot_path_imports_none_of_the_slow_standard_modules() -> None:
     """What the boot imports is start-up time in the initramfs: these are not needed there."""
-    code = ("import sys\nfrom unlocker import warmup, cli\nimport unlocker.unlock, unlocker.devices\n"
+    # -S: no site, as in the frozen binary (the venv's .pth files import pathlib, and with it re)
+    code = (f"import sys\nsys.path.append({sysconfig.get_paths()['purelib']!r})\n"
+            "from unlocker import warmup, cli\nimport unlocker.unlock, unlocker.devices\n"
             "cli.parse_args(['unlock', '--tries', '0', '--timeout', '30'])\n"
             f"print(' '.join(m for m in {NOT_ON_BOOT_PATH!r} if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+    done = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60,
                           cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ""

@@ -1,0 +1,94 @@
+"""unlocker.run: the one wrapper for children (os.posix_spawn, pipes read with poll)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from unlocker.run import Started, run
+
+
+def test_output_exit_code_and_input_are_carried() -> None:
+    done = run(["sh", "-c", "cat; echo to-err >&2; exit 3"], input=b"through stdin")
+    assert (done.returncode, done.stdout, done.stderr_text) == (3, b"through stdin", "to-err")
+
+
+def test_without_input_stdin_is_empty() -> None:
+    assert run(["cat"]).stdout == b""  # /dev/null: a program that reads stdin does not hang
+
+
+def test_large_input_and_both_outputs_do_not_deadlock() -> None:
+    """More than a pipe holds in each direction at once: written while both outputs are read."""
+    data = os.urandom(1 << 20)
+    done = run(["sh", "-c", "tee /dev/stderr"], input=bytearray(data), timeout=60)
+    assert done.returncode == 0
+    assert done.stdout == data and done.stderr == data
+
+
+def test_a_secret_in_pass_fds_reaches_the_child_and_nothing_else_is_open() -> None:
+    read_fd, write_fd = os.pipe()
+    inherited = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(inherited, True)  # as an fd a hook's shell leaves open for us
+    try:
+        os.write(write_fd, b"key-bytes")
+        os.close(write_fd)
+        done = run(["sh", "-c", f"cat /proc/self/fd/{read_fd}"], pass_fds=(read_fd,))
+        listed = run(["ls", "/proc/self/fd"], pass_fds=(read_fd,))
+    finally:
+        os.close(read_fd)
+        os.close(inherited)
+    assert done.stdout == b"key-bytes"
+    open_fds = {int(fd) for fd in listed.stdout.split()}
+    # 0-2, the passed pipe, and the one `ls` opened to list /proc/self/fd
+    assert {0, 1, 2, read_fd} <= open_fds and len(open_fds) == 5
+    assert inherited not in open_fds
+
+
+def test_a_program_past_its_timeout_is_killed() -> None:
+    done = run(["sh", "-c", "echo before; exec sleep 30"], timeout=0.5)
+    assert done.returncode == -signal.SIGKILL
+    assert done.stdout == b"before\n"
+
+
+def test_a_missing_program_raises_file_not_found(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        run(["no-such-program-anywhere"])
+    with pytest.raises(FileNotFoundError):
+        run([str(tmp_path / "missing")])
+
+
+def test_no_fd_leaks_across_runs() -> None:
+    before = set(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        run(["true"], input=b"x")
+        run(["true"])
+        with pytest.raises(FileNotFoundError):
+            run(["no-such-program-anywhere"], input=b"x")
+    assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_children_get_sigpipe_back_and_a_clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LD_PRELOAD", "/nonexistent.so")
+    monkeypatch.setenv("_PYI_ARCHIVE_FILE", "/x")
+    done = run(["sh", "-c", "env; grep SigIgn /proc/self/status"])
+    text = done.stdout.decode()
+    assert "LD_PRELOAD" not in text and "_PYI_" not in text and "LC_ALL=C" in text
+    ignored = int(text.split("SigIgn:")[1].split()[0], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1))  # Python ignores SIGPIPE; the child must not
+
+
+def test_a_child_that_stops_reading_does_not_break_the_writer() -> None:
+    done = run(["head", "-c", "1"], input=b"x" * (1 << 20))
+    assert (done.returncode, done.stdout) == (0, b"x")
+
+
+def test_started_program_gets_its_input_later_or_is_cancelled() -> None:
+    started = Started(["cat"])
+    assert started.finish(b"later").stdout == b"later"
+    started.cancel()  # after finish: nothing to do
+    waiting = Started(["cat"])
+    waiting.cancel()
+    assert waiting._child.returncode == -signal.SIGKILL
