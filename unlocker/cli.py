@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 
 from . import TYPE_CHECKING, __version__
@@ -20,6 +19,7 @@ from .policy import DEFAULT_PCRS, PcrSelection
 
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Callable, Sequence
     from typing import NoReturn
 
 DEFAULT_TRIES = 3

@@ -6,7 +6,6 @@ Keys reach cryptsetup through stdin (`--key-file=-`) or an anonymous pipe (`/dev
 from __future__ import annotations
 
 import os
-import threading
 
 from . import TYPE_CHECKING
 from .errors import CorruptError, CryptsetupError, DeviceNotFoundError, UsageError
@@ -14,6 +13,7 @@ from .jsonload import loads
 from .record import record
 from .run import Completed, Started, run
 from .secret import Secret
+from .threads import Background
 from .token import TOKEN_TYPE, Token, parse_token
 
 if TYPE_CHECKING:
@@ -117,10 +117,9 @@ class LuksDevice:
         """Add `new_key` in keyslot `slot`, authorised by `existing` (a passphrase of another slot)."""
         read_fd, write_fd = os.pipe()
         # The new key goes through a pipe the child reads as /proc/self/fd/N (no /dev/fd without
-        # udev); a thread writes it so a
-        # large key can never dead-lock against the pipe buffer.
-        writer = threading.Thread(target=_write_and_close, args=(write_fd, _raw(new_key)))
-        writer.start()
+        # udev); a thread writes it so that a large key can never dead-lock against the pipe buffer.
+        key = new_key.data if isinstance(new_key, Secret) else new_key
+        writer = Background(lambda: _write_and_close(write_fd, key), "key writer")
         try:
             done = _cryptsetup(
                 ["luksAddKey", "--key-file=-", "--new-key-slot", str(slot), *FAST_PBKDF, self.path,

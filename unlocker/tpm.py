@@ -8,8 +8,6 @@ never crosses the TPM bus in clear. TPM errors become the exceptions of errors.p
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from .record import record
 
@@ -146,6 +144,37 @@ def _tpm_error(exc: TssError, doing: str) -> Exception:
     return NoTpmError(f"the TPM refused {doing}: {exc}")
 
 
+class _Session:
+    """A session handle for a `with` block, flushed from the TPM at its end. (Context managers here
+    are classes, not @contextmanager: contextlib is not imported on the boot path, README.)"""
+
+    def __init__(self, esys: tss.Esys, session: int) -> None:
+        self._esys, self._session = esys, session
+
+    def __enter__(self) -> int:
+        return self._session
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._esys.flush(self._session)
+
+
+class _Capability:
+    """TPM2_GetCapability's answer for a `with` block: (TPMU_CAPABILITIES, more?), freed at its end."""
+
+    def __init__(self, esys: tss.Esys, capability: int, first: int, count: int) -> None:
+        self._esys, self._query = esys, (capability, first, count)
+        self._data: CData = None
+
+    def __enter__(self) -> tuple[CData, bool]:
+        more = tss.new("TPMI_YES_NO *")
+        self._data = tss.new("TPMS_CAPABILITY_DATA **")
+        self._esys.call("GetCapability", tss.NONE, tss.NONE, tss.NONE, *self._query, more, self._data)
+        return self._data[0].data, bool(more[0])
+
+    def __exit__(self, *exc_info: object) -> None:
+        tss.free(self._data[0])
+
+
 class Tpm:
     """An open connection to one TPM. Use as a context manager."""
 
@@ -187,16 +216,10 @@ class Tpm:
         """The SRK selected last (by check_srk for an unseal), else the sealing one."""
         return self._srk if self._srk is not None else self.srk()
 
-    @contextmanager
-    def _capability(self, capability: int, first: int, count: int) -> Iterator[tuple[CData, bool]]:
-        """TPM2_GetCapability: the TPMU_CAPABILITIES (valid inside the block) and whether there is more."""
-        more = tss.new("TPMI_YES_NO *")
-        data = tss.new("TPMS_CAPABILITY_DATA **")
-        self._esys.call("GetCapability", tss.NONE, tss.NONE, tss.NONE, capability, first, count, more, data)
-        try:
-            yield data[0].data, bool(more[0])
-        finally:
-            tss.free(data[0])
+    def _capability(self, capability: int, first: int, count: int) -> _Capability:
+        """TPM2_GetCapability: `with` it for the TPMU_CAPABILITIES (valid inside the block) and
+        whether there is more."""
+        return _Capability(self._esys, capability, first, count)
 
     def _handles(self, first: int, count: int) -> tuple[list[int], bool]:
         """Handles from `first` on (at most `count`), and whether the TPM has more."""
@@ -318,16 +341,13 @@ class Tpm:
             except TssError as exc:
                 raise _tpm_error(exc, "starting a session") from None
 
-    @contextmanager
-    def _salted_session(self, session_type: int) -> Iterator[int]:
+    def _salted_session(self, session_type: int) -> _Session:
+        """`with` it for a salted session (the spare policy session when one is ready), flushed after."""
         if session_type == lib.TPM2_SE_POLICY and self._spare_policy_session is not None:
             session, self._spare_policy_session = self._spare_policy_session, None
         else:
             session = self._start_session(session_type, salted=True)
-        try:
-            yield session
-        finally:
-            self._esys.flush(session)
+        return _Session(self._esys, session)
 
     def _policy_pcr(self, session: int, selection: PcrSelection) -> None:
         self._esys.call("PolicyPCR", session, tss.NONE, tss.NONE, tss.NONE, tss.new("TPM2B_DIGEST *"),

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+
+from . import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
 
 # The firmware's ACPI table for a TPM 2.0: when present, a missing /dev/tpmrm0 only means its driver
 # has not loaded yet (udev's coldplug, or the hook's modprobe, is still running beside us at boot).

@@ -11,7 +11,6 @@ Outputs the ESAPI allocates are released with `free`; a secret's buffer is zeroe
 from __future__ import annotations
 
 import importlib.machinery
-import importlib.util
 import os
 import sys
 
@@ -32,6 +31,8 @@ def _extension_path() -> str:
     if frozen:
         folder = os.path.join(frozen, "tpm2_pytss")
     else:
+        import importlib.util  # not in the frozen binary: importlib.util imports contextlib, functools, ...
+
         spec = importlib.util.find_spec("tpm2_pytss")  # finds the package without importing it
         if spec is None or not spec.submodule_search_locations:
             raise ImportError("tpm2-pytss is not installed")
@@ -48,8 +49,9 @@ def _load() -> Any:
         return loaded
     path = _extension_path()
     loader = importlib.machinery.ExtensionFileLoader(MODULE, path)
-    spec = importlib.util.spec_from_file_location(MODULE, path, loader=loader)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec = importlib.machinery.ModuleSpec(MODULE, loader, origin=path)
+    module = loader.create_module(spec)
+    module.__spec__, module.__loader__ = spec, loader
     loader.exec_module(module)
     # registered, so that an `import tpm2_pytss` later in the same process shares it
     sys.modules[MODULE] = module

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
-from collections.abc import Callable
 
 from . import TYPE_CHECKING, store
 from .errors import CorruptError, DeviceNotFoundError, NoTpmError, PolicyError, UnlockerError, UsageError, WrongPassphraseError
@@ -14,10 +12,13 @@ from .policy import changed_pcrs
 from .prompt import ask_passphrase
 from .record import record
 from .secret import Secret
+from .threads import Background
 from .token import Token
 from .tpm import Tpm, resolve_tcti
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .devices import Target
 
 # device-mapper's control node: there once dm_mod is loaded
@@ -59,14 +60,13 @@ class TpmConnection:
         self._tcti, self._wait = tcti, wait
         self._tpm: Tpm | None = None
         self._error: UnlockerError | None = None
-        self._connecting: threading.Thread | None = None
+        self._connecting: Background | None = None
 
     def connect_in_background(self) -> None:
         """connect() in a thread: the TPM's round trips overlap the wait for the disk and the read
         of its header; get() and close() wait for it."""
         if self._connecting is None:
-            self._connecting = threading.Thread(target=self.connect, name="tpm connect", daemon=True)
-            self._connecting.start()
+            self._connecting = Background(self.connect, "tpm connect")
 
     def _connected(self) -> None:
         if self._connecting is not None:

@@ -18,24 +18,22 @@ Everything is best effort: a failure only means the work is done later, where it
 from __future__ import annotations
 
 # _socket, not socket: the C module alone binds an AF_ALG socket, and socket.py turns every
-# constant into enums at import (tens of ms of a boot under emulation). _thread, not threading, at
-# the top: the cipher's thread starts before threading is imported (`start`).
+# constant into enums at import (tens of ms of a boot under emulation).
 import _socket
-import _thread
 import os
 
 from . import TYPE_CHECKING, entropy
 from .log import debug_on_cmdline, set_debug, trace
+from .threads import Background, Signal
 
 if TYPE_CHECKING:
-    import threading
     from collections.abc import Callable, Sequence
 
 # LUKS2's default (cryptsetup >= 2.0): aes-xts-plain64 for the volume and its keyslots.
 DEFAULT_CIPHER = "xts(aes)"
-_started: list[threading.Thread] = []
+_started: list[Background] = []
 TPM_WAIT = 5.0  # seconds for the device node of a TPM the firmware announces (its driver may still load)
-_dm_tried: threading.Event | None = None  # set once the warm-up's modprobe of dm-crypt finished (or failed)
+_dm_tried: Signal | None = None  # set once the warm-up's modprobe of dm-crypt finished (or failed)
 
 
 def _instantiate_cipher(cipher: str) -> bool:
@@ -120,25 +118,19 @@ def wait_for_dm_crypt(timeout: float = 10) -> None:
         _dm_tried.wait(timeout)
 
 
-def start(cipher: str = DEFAULT_CIPHER) -> list[threading.Thread]:
+def start(cipher: str = DEFAULT_CIPHER) -> list[Background]:
     """Start the warm-up once per run; later calls return the threads already started.
 
     Three threads, as each mostly waits: on the kernel's modprobe helpers (one per piece of the
     cipher), on modprobe, on the TPM (or, without a usable one, on timer jitter). The cipher's comes
-    first, as a bare thread (nothing joins it): the kernel's work for it is the longest, and the
-    import of threading (~0.1 s of a boot under emulation) need not come before it.
+    first (nothing joins it): the kernel's work for it is the longest.
     """
     global _dm_tried
     if not _started:
-        _thread.start_new_thread(_best_effort(_cipher_step(cipher)), ())
-        import threading
-
-        _dm_tried = threading.Event()
+        Background(_best_effort(_cipher_step(cipher)), "warm-up: cipher")
+        _dm_tried = Signal()
         steps = {"dm-crypt": _dm_crypt_step, "entropy": _seed_entropy}
-        for name, step in steps.items():
-            _started.append(threading.Thread(target=_best_effort(step), name=f"warm-up: {name}", daemon=True))
-        for thread in _started:
-            thread.start()
+        _started.extend(Background(_best_effort(step), f"warm-up: {name}") for name, step in steps.items())
     return _started
 
 

@@ -94,14 +94,17 @@ def test_other_command_lines_go_to_argparse(args: list[str]) -> None:
 # Standard modules the boot does not need, each measured as start-up time in the initramfs
 # (dataclasses: `inspect` and an `exec` per generated method, unlocker/record.py stands in; json:
 # `re`, unlocker/jsonload.py runs the same C scanner; subprocess: `enum`, `re`, unlocker/run.py
-# spawns with os.posix_spawn).
-NOT_ON_BOOT_PATH = ("argparse", "typing", "shutil", "dataclasses", "inspect", "json", "re", "enum", "subprocess")
+# spawns with os.posix_spawn; threading, contextlib: functools and collections, unlocker/threads.py).
+NOT_ON_BOOT_PATH = ("argparse", "typing", "shutil", "dataclasses", "inspect", "json", "re", "enum", "subprocess",
+                    "threading", "contextlib", "functools", "collections")
 
 
 def test_boot_path_imports_none_of_the_slow_standard_modules() -> None:
     """What the boot imports is start-up time in the initramfs: these are not needed there."""
-    # -S: no site, as in the frozen binary (the venv's .pth files import pathlib, and with it re)
-    code = (f"import sys\nsys.path.append({sysconfig.get_paths()['purelib']!r})\n"
+    # -S: no site, as in the frozen binary (the venv's .pth files import pathlib, and with it re);
+    # _MEIPASS: tss.py finds its C module as in the frozen binary's folder
+    purelib = sysconfig.get_paths()["purelib"]
+    code = (f"import sys\nsys.path.append({purelib!r})\nsys._MEIPASS = {purelib!r}\n"
             "from unlocker import warmup, cli\nimport unlocker.unlock, unlocker.devices\n"
             "cli.parse_args(['unlock', '--tries', '0', '--timeout', '30'])\n"
             f"print(' '.join(m for m in {NOT_ON_BOOT_PATH!r} if m in sys.modules))")

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 
 from unlocker import warmup
+from unlocker.threads import Signal
 
 
 @pytest.fixture(autouse=True)
 def fresh_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test starts as a new process would: no warm-up started yet."""
     monkeypatch.setattr(warmup, "_started", [])
-    monkeypatch.setattr(warmup, "_dm_tried", threading.Event())
+    monkeypatch.setattr(warmup, "_dm_tried", Signal())
     yield
 
 
@@ -48,10 +49,10 @@ def test_an_unexpected_error_stops_the_warm_up_quietly(traced: list[str], monkey
     assert traced == ["warm-up: stopped (RuntimeError: boom)"]
 
 
-def test_start_runs_daemon_threads_once_per_run(traced: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_start_runs_its_threads_once_per_run(traced: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(warmup._socket, "socket", _socket_raising(OSError(97, "Address family not supported")))
     threads = warmup.start()
-    assert threads and all(t.daemon for t in threads)
+    assert [t.name for t in threads] == ["warm-up: dm-crypt", "warm-up: entropy"]
     assert warmup.start() is threads, "a second start (unlock_at_boot after the frozen entry) starts nothing"
     for thread in threads:
         thread.join(10)
