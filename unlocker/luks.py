@@ -194,9 +194,9 @@ class LuksDevice:
     # --- tokens ---------------------------------------------------------------------------------
     def import_token(self, token: Token) -> int:
         """Write `token` under a free token id and return the id."""
-        tid = self.free_token_id()
         import json  # enrolment only: not imported on the boot path
 
+        tid = self.free_token_id()
         doc = json.dumps(token.to_json(), separators=(",", ":")).encode()
         done = _cryptsetup(["token", "import", "--json-file", "-", "--token-id", str(tid), self.path], input=doc)
         self._meta = None

@@ -58,7 +58,7 @@ def _load_dm_crypt(sysfs: str = "/sys/module") -> None:
                 return
     except OSError:
         pass  # not loaded, or built in (no initstate): modprobe tells
-    from .run import run, which  # here, not at the top: subprocess is not needed to start
+    from .run import run, which  # here, not at the top: not needed before the cipher's thread starts
 
     modprobe = which("modprobe")
     if modprobe:
