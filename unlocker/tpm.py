@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 
-from .record import record
-
 # tpm2-tss logs every TPM error on stderr; we report our own one line instead.
 os.environ.setdefault("TSS2_LOG", "all+NONE")
 
@@ -18,6 +16,7 @@ from . import TYPE_CHECKING, tss
 from .errors import CorruptError, LockoutError, NoTpmError, PolicyError, UsageError
 from .log import trace
 from .policy import BANKS, PcrSelection
+from .record import record
 from .secret import Secret
 from .tpmnode import ACPI_TPM2_TABLE, DEVICE_NODES, wait_for_node
 from .tss import TssError, lib
