@@ -1,7 +1,7 @@
 """Build the frozen one-file `tpm2-unlocker` with PyInstaller: `python -m freeze.build [--out DIR]`.
 
 Reproducible inputs: this repository, the pinned tpm2-pytss built against Debian's tss2 (of which
-only its compiled cffi module is bundled: unlocker/tss.py loads it by path, PyInstaller cannot see
+only its compiled cffi module is bundled: unlocker/tpm/tss.py loads it by path, PyInstaller cannot see
 that), and the TCTI modules tpm2-tss loads with dlopen (bundled explicitly for the same reason). It
 unpacks under /run at start; it carries the same program as a one-folder bootloader too, which
 `tpm2-unlocker unpack DIR` lays out beside the libraries for an initramfs.
@@ -21,7 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from unlocker.unpack import CONTENTS, LAUNCHER  # noqa: E402
+from unlocker.commands.unpack import CONTENTS, LAUNCHER  # noqa: E402
+
 # Where the one-file binary unpacks at each start: under /run, in a folder of its own. (An initramfs
 # carries the program unpacked at image build instead: `tpm2-unlocker unpack`.)
 RUNTIME_TMPDIR = "/run/tpm2-unlocker"
@@ -67,12 +68,12 @@ UNCOMPRESSED_TYPES = ("EXTENSION", "DATA", "BINARY", "EXECUTABLE", "PYSOURCE", "
 # the kernel's random pool is seeded (an initramfs on a machine without a CPU RNG, such as QEMU's
 # default CPU) that read waits ~1 s. What we hash is ours (argv, the LUKS header's JSON, crypttab):
 # randomised hashing guards servers, not this. The secrets still come from the seeded pool
-# (unlocker/warmup.py sees to it).
+# (unlocker/boot/warmup.py sees to it).
 PYTHON_OPTION = "hash_seed=0"
 
 # The same program as PyInstaller's one-folder bootloader (our code and options, no libraries: they
 # are the one file's own), carried inside the one file; `tpm2-unlocker unpack DIR` lays the two out
-# for an initramfs (unlocker/unpack.py).
+# for an initramfs (unlocker/commands/unpack.py).
 LAUNCHER_SPEC = f"""launcher = EXE(
     pyz,
     a.scripts,

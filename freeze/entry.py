@@ -2,7 +2,7 @@
 
 import sys
 
-from unlocker import warmup
+from unlocker.boot import warmup
 
 # first, before the imports below: under a cold CPU cache (or an emulated CPU) they take long enough
 # for the kernel to load and self-test the cipher meanwhile

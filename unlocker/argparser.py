@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from . import TYPE_CHECKING
-from .errors import UsageError
+from unlocker import TYPE_CHECKING
+from unlocker.errors import UsageError
 
 if TYPE_CHECKING:
     from typing import NoReturn

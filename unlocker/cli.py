@@ -12,10 +12,10 @@ import os
 import sys
 from types import SimpleNamespace
 
-from . import TYPE_CHECKING, __version__
-from .errors import EXIT_OK, EXIT_USAGE, UnlockerError, UsageError
-from .log import debug_on_cmdline, hint, say, set_debug, trace
-from .policy import DEFAULT_PCRS, PcrSelection
+from unlocker import TYPE_CHECKING, __version__
+from unlocker.errors import EXIT_OK, EXIT_USAGE, UnlockerError, UsageError
+from unlocker.log import debug_on_cmdline, hint, say, set_debug, trace
+from unlocker.tpm.policy import DEFAULT_PCRS, PcrSelection
 
 if TYPE_CHECKING:
     import argparse
@@ -31,8 +31,8 @@ def _selection(text: str) -> PcrSelection:
 
 
 def verb_enroll(opts: argparse.Namespace) -> int:
-    from .enroll import EnrollOptions, enroll
-    from .store import StoreSpec
+    from unlocker.commands.enroll import EnrollOptions, enroll
+    from unlocker.store import StoreSpec
 
     token = enroll(EnrollOptions(opts.device, opts.pcrs, StoreSpec.parse(opts.store), opts.unlock_key_file, opts.tcti))
     say(f"{opts.device}: enrolled keyslot {token.keyslot} sealed to {token.selection} "
@@ -41,7 +41,7 @@ def verb_enroll(opts: argparse.Namespace) -> int:
 
 
 def verb_unlock(opts: argparse.Namespace) -> int:
-    from .unlock import BootOptions, UnlockOptions, unlock, unlock_at_boot
+    from unlocker.boot.unlock import BootOptions, UnlockOptions, unlock, unlock_at_boot
 
     if opts.tries < 0:
         raise UsageError("--tries must be 0 or more")
@@ -57,7 +57,7 @@ def verb_unlock(opts: argparse.Namespace) -> int:
 
 
 def verb_reseal(opts: argparse.Namespace) -> int:
-    from .reseal import ResealOptions, reseal
+    from unlocker.commands.reseal import ResealOptions, reseal
 
     for token in reseal(ResealOptions(opts.device, opts.pcrs, opts.unlock_key_file, opts.tcti)):
         say(f"{opts.device}: re-sealed keyslot {token.keyslot} to the current values of {token.selection} "
@@ -66,7 +66,7 @@ def verb_reseal(opts: argparse.Namespace) -> int:
 
 
 def verb_status(opts: argparse.Namespace) -> int:
-    from .status import render, status
+    from unlocker.commands.status import render, status
 
     result = status(opts.device, opts.tcti)
     if opts.json:
@@ -79,7 +79,7 @@ def verb_status(opts: argparse.Namespace) -> int:
 
 
 def verb_remove(opts: argparse.Namespace) -> int:
-    from .remove import RemoveOptions, remove
+    from unlocker.commands.remove import RemoveOptions, remove
 
     count = remove(RemoveOptions(opts.device, opts.unlock_key_file, opts.tcti))
     say(f"{opts.device}: removed {count} enrolment(s); the passphrase opens the disk")
@@ -87,7 +87,7 @@ def verb_remove(opts: argparse.Namespace) -> int:
 
 
 def verb_adopt(opts: argparse.Namespace) -> int:
-    from .adopt import AdoptOptions, adopt, parse_nv_index
+    from unlocker.commands.adopt import AdoptOptions, adopt, parse_nv_index
 
     if (opts.blob is None) == (opts.nv is None):
         raise UsageError("adopt takes one of --blob PUB PRIV or --nv INDEX")
@@ -103,7 +103,7 @@ def verb_adopt(opts: argparse.Namespace) -> int:
 def verb_unpack(opts: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .unpack import unpack
+    from unlocker.commands.unpack import unpack
 
     done = unpack(Path(opts.dir))
     if done.checked:
@@ -116,7 +116,7 @@ def verb_unpack(opts: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     import argparse
 
-    from .argparser import Parser
+    from unlocker.argparser import Parser
 
     parser = Parser(prog="tpm2-unlocker", description="Unlock LUKS2 disks with a key sealed by the TPM 2.0.")
     parser.add_argument("--version", action="version", version=f"tpm2-unlocker {__version__}")

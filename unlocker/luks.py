@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import os
 
-from . import TYPE_CHECKING
-from .errors import CorruptError, CryptsetupError, DeviceNotFoundError, UsageError
-from .jsonload import loads
-from .record import record
-from .run import Completed, Started, run
-from .secret import Secret
-from .threads import Background
-from .token import TOKEN_TYPE, Token, parse_token
+from unlocker import TYPE_CHECKING
+from unlocker.errors import CorruptError, CryptsetupError, DeviceNotFoundError, UsageError
+from unlocker.lean.jsonload import loads
+from unlocker.lean.record import record
+from unlocker.lean.run import Completed, Started, run
+from unlocker.lean.threads import Background
+from unlocker.secret import Secret
+from unlocker.token import TOKEN_TYPE, Token, parse_token
 
 if TYPE_CHECKING:
     from typing import Any

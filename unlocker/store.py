@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 
-from .errors import CorruptError, UsageError
-from .record import record
-from .secret import Secret
-from .token import NV_INDEX_MAX, NV_INDEX_MIN, Token
-from .tpm import DEFAULT_NV_INDEX, SealedObject, Tpm
+from unlocker.errors import CorruptError, UsageError
+from unlocker.lean.record import record
+from unlocker.secret import Secret
+from unlocker.token import NV_INDEX_MAX, NV_INDEX_MIN, Token
+from unlocker.tpm.client import DEFAULT_NV_INDEX, SealedObject, Tpm
 
 PUB_NAME, PRIV_NAME = "key.pub", "key.priv"
 PENDING = ".new"

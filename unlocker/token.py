@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import binascii  # not base64, which imports re (start-up time at boot)
 
-from . import TYPE_CHECKING
-from .errors import CorruptError
-from .jsonload import loads
-from .policy import BANKS, PCR_COUNT, PcrSelection
-from .record import field, record
+from unlocker import TYPE_CHECKING
+from unlocker.errors import CorruptError
+from unlocker.lean.jsonload import loads
+from unlocker.lean.record import field, record
+from unlocker.tpm.policy import BANKS, PCR_COUNT, PcrSelection
 
 if TYPE_CHECKING:
     from typing import Any

@@ -97,8 +97,8 @@ def test_enroll_with_pcrs_of_sha1_and_sha384_banks(disk: Path, key_file: Path, t
 def test_boot_reads_the_tokens_from_the_header_itself(disk: Path, key_file: Path, tpm: Swtpm) -> None:
     """At boot the tokens come from our own header reader, not `cryptsetup luksDump`: the same
     metadata, and it unlocks (in-process, so the metadata handed over is the one used)."""
-    from unlocker.devices import read_luks_header
-    from unlocker.unlock import UnlockOptions, unlock
+    from unlocker.boot.devices import read_luks_header
+    from unlocker.boot.unlock import UnlockOptions, unlock
 
     enroll(disk, key_file, tpm)
     header = read_luks_header(str(disk))
@@ -116,7 +116,7 @@ def test_one_tpm_connection_serves_every_device_at_boot(disk: Path, key_file: Pa
     """At boot the TPM is opened once, before the disks appear, and every device unseals through it."""
     from helpers import make_luks_image
 
-    from unlocker.unlock import TpmConnection, UnlockOptions, unlock
+    from unlocker.boot.unlock import TpmConnection, UnlockOptions, unlock
 
     second = make_luks_image(tmp_path / "second.img")
     enroll(disk, key_file, tpm)
@@ -136,8 +136,8 @@ def test_the_boot_connection_has_the_policy_session_ready_before_the_disk(disk: 
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """connect() (before the disk appears) starts the salted policy session; the unseal takes it
     instead of starting one, and nothing is left loaded in the TPM afterwards."""
-    from unlocker.tpm import Tpm
-    from unlocker.unlock import TpmConnection, UnlockOptions, unlock
+    from unlocker.boot.unlock import TpmConnection, UnlockOptions, unlock
+    from unlocker.tpm.client import Tpm
 
     loaded_sessions = 0x02000000  # TPM_HT_LOADED_SESSION << 24: sessions held in the TPM
     enroll(disk, key_file, tpm)
@@ -168,8 +168,8 @@ def test_boot_waits_for_what_cryptsetup_open_needs_after_the_unseal(disk: Path, 
     """`before_open` (at boot: the warm-up's modprobe of dm-crypt) runs once the key is unsealed
     and before cryptsetup opens; never for a key test. This host has no device-mapper, so the real
     `cryptsetup open` that follows fails, which shows it ran after the wait."""
+    from unlocker.boot.unlock import UnlockOptions, unlock
     from unlocker.errors import CryptsetupError
-    from unlocker.unlock import UnlockOptions, unlock
 
     enroll(disk, key_file, tpm)
     waited: list[str] = []
@@ -189,8 +189,8 @@ def test_an_unreachable_tpm_fails_each_device_with_its_reason(background: bool, 
                                                               tpm: Swtpm, capfd: pytest.CaptureFixture[str]) -> None:
     """At boot the connection is opened in a thread: its failure reaches each device all the same,
     as one line (no traceback from the thread)."""
+    from unlocker.boot.unlock import TpmConnection, UnlockOptions, unlock
     from unlocker.errors import NoTpmError
-    from unlocker.unlock import TpmConnection, UnlockOptions, unlock
 
     enroll(disk, key_file, tpm)
     capfd.readouterr()
@@ -212,7 +212,8 @@ def test_an_unreachable_tpm_fails_each_device_with_its_reason(background: bool, 
 
 def _spy_on_started_opens(monkeypatch: pytest.MonkeyPatch, events: list[str]) -> list:  # type: ignore[type-arg]
     """The real LuksDevice.start_open and store.take, with the order they ran in recorded."""
-    from unlocker import luks, store, unlock
+    from unlocker import luks, store
+    from unlocker.boot import unlock
 
     pendings: list[luks.PendingOpen] = []
     real_start, real_take, real_finish = luks.LuksDevice.start_open, store.take, luks.PendingOpen.finish
@@ -242,7 +243,7 @@ def test_at_boot_cryptsetup_starts_before_the_unseal_and_gets_the_key_after_it(
         capfd: pytest.CaptureFixture[str]) -> None:
     """`cryptsetup open` execs and reads the header while the TPM unseals; the key then goes to it
     on stdin. (A key test here: this host has no device-mapper to map with.)"""
-    from unlocker.unlock import UnlockOptions, unlock
+    from unlocker.boot.unlock import UnlockOptions, unlock
 
     enroll(disk, key_file, tpm)
     events: list[str] = []
@@ -258,9 +259,9 @@ def test_a_started_cryptsetup_is_killed_when_the_tpm_says_no(disk: Path, key_fil
                                                              capfd: pytest.CaptureFixture[str]) -> None:
     """The PCRs changed: the `cryptsetup open` waiting for a key gets none; it is killed while it
     waits (it has mapped nothing) and reaped, and the TPM's reason is the one line said."""
-    from unlocker import unlock as unlock_module
+    from unlocker.boot import unlock as unlock_module
+    from unlocker.boot.unlock import UnlockOptions, unlock
     from unlocker.errors import PolicyError
-    from unlocker.unlock import UnlockOptions, unlock
 
     enroll(disk, key_file, tpm, "--pcrs", "sha256:7")
     tpm.extend(7)
@@ -280,9 +281,9 @@ def test_no_device_mapper_yet_means_the_open_waits_for_the_key(disk: Path, key_f
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """cryptsetup checks for device-mapper before it reads the key: without it loaded, the open is
     not started early (it would fail) but runs after the unseal, as it always did."""
-    from unlocker import unlock as unlock_module
+    from unlocker.boot import unlock as unlock_module
+    from unlocker.boot.unlock import start_open
     from unlocker.luks import LuksDevice
-    from unlocker.unlock import start_open
 
     enroll(disk, key_file, tpm)
     monkeypatch.setattr(unlock_module, "DM_CONTROL", "/nonexistent/mapper/control")
@@ -293,8 +294,8 @@ def test_no_device_mapper_yet_means_the_open_waits_for_the_key(disk: Path, key_f
 def test_on_one_cpu_the_open_waits_for_the_key(disk: Path, key_file: Path, tpm: Swtpm) -> None:
     """Started early on a single CPU, cryptsetup only takes turns with the unseal (measured slower
     in the one-CPU guest): this process pinned to one CPU starts nothing early."""
+    from unlocker.boot.unlock import spare_cpu, start_open
     from unlocker.luks import LuksDevice
-    from unlocker.unlock import spare_cpu, start_open
 
     enroll(disk, key_file, tpm)
     cpus = os.sched_getaffinity(0)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from unlocker import entropy
-from unlocker.entropy import SeedError
+from unlocker.boot import entropy
+from unlocker.boot.entropy import SeedError
 
 
 def _chardev_swtpm(state: Path, flags: str) -> Iterator[int]:

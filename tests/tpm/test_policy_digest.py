@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from helpers import Swtpm
 
-from unlocker.policy import PcrSelection, policy_auth_value, policy_pcr
-from unlocker.tpm import Tpm
+from unlocker.tpm.client import Tpm
+from unlocker.tpm.policy import PcrSelection, policy_auth_value, policy_pcr
 
 pytestmark = pytest.mark.tpm
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from helpers import Swtpm
 
-from unlocker import tss
 from unlocker.errors import CorruptError
-from unlocker.policy import PcrSelection
 from unlocker.secret import Secret
-from unlocker.tpm import SealedObject, Tpm, validate_sealed
+from unlocker.tpm import tss
+from unlocker.tpm.client import SealedObject, Tpm, validate_sealed
+from unlocker.tpm.policy import PcrSelection
 
 pytestmark = pytest.mark.tpm
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +56,7 @@ def test_a_sealed_blob_loads_in_tpm2_tools(tpm: Swtpm, tmp_path: Path) -> None:
     key = Secret(bytearray(b"k" * 32))
     sel = PcrSelection.parse("sha256:7")
     with Tpm(tpm.tcti) as t:
-        from unlocker.policy import policy_pcr
+        from unlocker.tpm.policy import policy_pcr
         sealed = t.seal(key, policy_pcr(sel, t.read_pcrs(sel)))
     (tmp_path / "key.pub").write_bytes(sealed.public)
     (tmp_path / "key.priv").write_bytes(sealed.private)
@@ -90,7 +90,7 @@ def test_tss_errors_strip_the_parameter_number() -> None:
 
 
 def test_the_boot_path_does_not_import_the_tpm2_pytss_package() -> None:
-    code = ("import sys, unlocker.cli, unlocker.unlock, unlocker.tpm, unlocker.store; "
+    code = ("import sys, unlocker.cli, unlocker.boot.unlock, unlocker.tpm.client, unlocker.store; "
             "print(' '.join(sorted(m for m in sys.modules if m.startswith(('tpm2_pytss', 'cryptography')))))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["tpm2_pytss._libtpm2_pytss", "tpm2_pytss._libtpm2_pytss.lib"]

@@ -92,9 +92,9 @@ def test_other_command_lines_go_to_argparse(args: list[str]) -> None:
 
 
 # Standard modules the boot does not need, each measured as start-up time in the initramfs
-# (dataclasses: `inspect` and an `exec` per generated method, unlocker/record.py stands in; json:
-# `re`, unlocker/jsonload.py runs the same C scanner; subprocess: `enum`, `re`, unlocker/run.py
-# spawns with os.posix_spawn; threading, contextlib: functools and collections, unlocker/threads.py).
+# (dataclasses: `inspect` and an `exec` per generated method, unlocker/lean/record.py stands in; json:
+# `re`, unlocker/lean/jsonload.py runs the same C scanner; subprocess: `enum`, `re`, unlocker/lean/run.py
+# spawns with os.posix_spawn; threading, contextlib: functools and collections, unlocker/lean/threads.py).
 NOT_ON_BOOT_PATH = ("argparse", "typing", "shutil", "dataclasses", "inspect", "json", "re", "enum", "subprocess",
                     "threading", "contextlib", "functools", "collections")
 
@@ -105,7 +105,7 @@ def test_boot_path_imports_none_of_the_slow_standard_modules() -> None:
     # _MEIPASS: tss.py finds its C module as in the frozen binary's folder
     purelib = sysconfig.get_paths()["purelib"]
     code = (f"import sys\nsys.path.append({purelib!r})\nsys._MEIPASS = {purelib!r}\n"
-            "from unlocker import warmup, cli\nimport unlocker.unlock, unlocker.devices\n"
+            "from unlocker import cli\nfrom unlocker.boot import warmup\nimport unlocker.boot.unlock, unlocker.boot.devices\n"
             "cli.parse_args(['unlock', '--tries', '0', '--timeout', '30'])\n"
             f"print(' '.join(m for m in {NOT_ON_BOOT_PATH!r} if m in sys.modules))")
     done = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60,
@@ -115,7 +115,7 @@ def test_boot_path_imports_none_of_the_slow_standard_modules() -> None:
 
 
 def test_which_finds_programs_as_children_would(tmp_path: Path) -> None:
-    from unlocker.run import which
+    from unlocker.lean.run import which
 
     assert which("cryptsetup") in ("/usr/sbin/cryptsetup", "/sbin/cryptsetup")
     assert which("/usr/sbin/cryptsetup") == "/usr/sbin/cryptsetup"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from unlocker.devices import Target, from_cmdline, from_crypttab, has_our_token, read_luks_header
+from unlocker.boot.devices import Target, from_cmdline, from_crypttab, has_our_token, read_luks_header
 
 
 def test_cmdline_forms() -> None:
@@ -45,7 +45,7 @@ def test_without_udev_links_a_uuid_is_found_by_its_header_and_the_header_is_hand
     one read for the match is kept for the unlock (not read a second time)."""
     import subprocess
 
-    from unlocker import devices
+    from unlocker.boot import devices
 
     uuid = subprocess.run(["cryptsetup", "luksUUID", str(disk)], capture_output=True, check=True).stdout.decode().strip()
     plain = tmp_path / "plain"

@@ -111,7 +111,7 @@ def test_runtime_hook_tpm_success_in_the_background_needs_no_second_run(tmp_path
 def test_runtime_hook_starts_no_reader_of_the_random_pool(tmp_path: Path) -> None:
     """A reader that waits for the kernel's pool makes the kernel spin on timer jitter until it is
     seeded: on one CPU that is time taken from udev and the binary. The binary seeds the pool from
-    the TPM when it has to (unlocker/entropy.py); the hook must not start that spin beside it."""
+    the TPM when it has to (unlocker/boot/entropy.py); the hook must not start that spin beside it."""
     assert "/dev/random" not in (REPO / "mkinitcpio" / "hooks" / "tpm2-unlocker").read_text()
     run_runtime_hook(tmp_path, rc_first=0)
     time.sleep(0.5)  # what the hook starts in the background has run by now

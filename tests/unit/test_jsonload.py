@@ -1,4 +1,4 @@
-"""unlocker.jsonload.loads gives what json.loads gives: the same document, or a ValueError."""
+"""unlocker.lean.jsonload.loads gives what json.loads gives: the same document, or a ValueError."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from unlocker.jsonload import loads
+from unlocker.lean.jsonload import loads
 
 DOCUMENTS = [
     '{"tokens": {"0": {"type": "tpm2-unlocker", "keyslots": ["1"]}}, "config": {"json_size": "12288"}}',

@@ -7,9 +7,9 @@ import copy
 import pytest
 
 from unlocker.errors import CorruptError, UsageError
-from unlocker.policy import PcrSelection, policy_or, policy_pcr
 from unlocker.store import StoreSpec
 from unlocker.token import Token, parse_token, parse_token_text
+from unlocker.tpm.policy import PcrSelection, policy_or, policy_pcr
 
 
 def test_pcr_selection_parses_bank_and_sorts() -> None:

@@ -1,4 +1,4 @@
-"""unlocker.record behaves as dataclasses.dataclass for what the boot path uses; the rest is refused."""
+"""unlocker.lean.record behaves as dataclasses.dataclass for what the boot path uses; the rest is refused."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import pytest
 
-from unlocker import record as record_module
-from unlocker.record import FrozenInstanceError, field, record
+from unlocker.lean import record as record_module
+from unlocker.lean.record import FrozenInstanceError, field, record
 
 Decorator = Callable[..., object]
 BOTH = pytest.mark.parametrize("make", [dataclasses.dataclass, record], ids=["dataclasses", "record"])

@@ -1,4 +1,4 @@
-"""unlocker.run: the one wrapper for children (os.posix_spawn, pipes read with poll)."""
+"""unlocker.lean.run: the one wrapper for children (os.posix_spawn, pipes read with poll)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from unlocker.run import Started, run
+from unlocker.lean.run import Started, run
 
 
 def test_output_exit_code_and_input_are_carried() -> None:

@@ -1,4 +1,4 @@
-"""unlocker.threads: a function in the background and a flag to wait for, on _thread."""
+"""unlocker.lean.threads: a function in the background and a flag to wait for, on _thread."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from unlocker.threads import Background, Signal
+from unlocker.lean.threads import Background, Signal
 
 
 def test_a_signal_wakes_every_waiter_once_set() -> None:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from unlocker import tpm, tpmnode
 from unlocker.errors import NoTpmError
+from unlocker.tpm import client as tpm
+from unlocker.tpm import node as tpmnode
 
 
 @pytest.fixture

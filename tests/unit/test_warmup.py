@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from unlocker import warmup
-from unlocker.threads import Signal
+from unlocker.boot import warmup
+from unlocker.lean.threads import Signal
 
 
 @pytest.fixture(autouse=True)
@@ -146,11 +146,11 @@ def test_without_a_tpm_to_seed_it_the_warm_up_waits_for_the_kernel_and_says_why(
 def test_dm_crypt_already_loaded_is_not_modprobed_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The busybox hook's early modprobe loads dm_crypt: the warm-up then runs no second modprobe;
     a module still coming (or none) gets one."""
-    import unlocker.run
+    import unlocker.lean.run
 
     ran: list[list[str]] = []
-    monkeypatch.setattr(unlocker.run, "which", lambda name: f"/sbin/{name}")
-    monkeypatch.setattr(unlocker.run, "run", lambda argv, **_: ran.append(list(argv)))
+    monkeypatch.setattr(unlocker.lean.run, "which", lambda name: f"/sbin/{name}")
+    monkeypatch.setattr(unlocker.lean.run, "run", lambda argv, **_: ran.append(list(argv)))
     state = tmp_path / "dm_crypt" / "initstate"
     state.parent.mkdir()
     state.write_text("live\n")

@@ -14,7 +14,7 @@ import importlib.machinery
 import os
 import sys
 
-from . import TYPE_CHECKING
+from unlocker import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from typing import Any

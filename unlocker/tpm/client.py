@@ -12,17 +12,18 @@ import os
 # tpm2-tss logs every TPM error on stderr; we report our own one line instead.
 os.environ.setdefault("TSS2_LOG", "all+NONE")
 
-from . import TYPE_CHECKING, tss
-from .errors import CorruptError, LockoutError, NoTpmError, PolicyError, UsageError
-from .log import trace
-from .policy import BANKS, PcrSelection
-from .record import record
-from .secret import Secret
-from .tpmnode import ACPI_TPM2_TABLE, DEVICE_NODES, wait_for_node
-from .tss import TssError, lib
+from unlocker import TYPE_CHECKING
+from unlocker.errors import CorruptError, LockoutError, NoTpmError, PolicyError, UsageError
+from unlocker.lean.record import record
+from unlocker.log import trace
+from unlocker.secret import Secret
+from unlocker.tpm import tss
+from unlocker.tpm.node import ACPI_TPM2_TABLE, DEVICE_NODES, wait_for_node
+from unlocker.tpm.policy import BANKS, PcrSelection
+from unlocker.tpm.tss import TssError, lib
 
 if TYPE_CHECKING:
-    from .tss import CData
+    from unlocker.tpm.tss import CData
 
 SRK_PERSISTENT_HANDLE = 0x81000001
 MAX_SEALED = 128  # TPM2B_SENSITIVE_DATA limit

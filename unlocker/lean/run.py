@@ -15,9 +15,9 @@ import sys
 import time
 from _signal import SIGKILL, SIGPIPE
 
-from . import TYPE_CHECKING
-from .log import trace
-from .record import record
+from unlocker import TYPE_CHECKING
+from unlocker.lean.record import record
+from unlocker.log import trace
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

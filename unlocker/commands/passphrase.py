@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .errors import UsageError, WrongPassphraseError
-from .log import say
-from .luks import LuksDevice
-from .prompt import ask_passphrase
-from .secret import Secret
+from unlocker.boot.prompt import ask_passphrase
+from unlocker.errors import UsageError, WrongPassphraseError
+from unlocker.log import say
+from unlocker.luks import LuksDevice
+from unlocker.secret import Secret
 
 
 def existing_passphrase(device: LuksDevice, key_file: str | None, tries: int = 3) -> Secret:

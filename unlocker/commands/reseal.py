@@ -9,17 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import store
-from .enroll import KEY_SIZE, Undo, prove, seal_into_token
-from .errors import CorruptError, UnlockerError, UsageError
-from .log import say
-from .luks import LuksDevice
-from .passphrase import existing_passphrase
-from .policy import PcrSelection
-from .secret import Secret
-from .store import StoreSpec
-from .token import Token
-from .tpm import Tpm, resolve_tcti
+from unlocker import store
+from unlocker.commands.enroll import KEY_SIZE, Undo, prove, seal_into_token
+from unlocker.commands.passphrase import existing_passphrase
+from unlocker.errors import CorruptError, UnlockerError, UsageError
+from unlocker.log import say
+from unlocker.luks import LuksDevice
+from unlocker.secret import Secret
+from unlocker.store import StoreSpec
+from unlocker.token import Token
+from unlocker.tpm.client import Tpm, resolve_tcti
+from unlocker.tpm.policy import PcrSelection
 
 
 @dataclass(frozen=True)

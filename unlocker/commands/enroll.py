@@ -9,16 +9,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import store
-from .errors import CorruptError, UsageError
-from .log import say
-from .luks import LuksDevice
-from .passphrase import existing_passphrase
-from .policy import PcrSelection, sealing_policy
-from .secret import Secret
-from .store import StoreSpec
-from .token import Token
-from .tpm import Tpm, resolve_tcti
+from unlocker import store
+from unlocker.commands.passphrase import existing_passphrase
+from unlocker.errors import CorruptError, UsageError
+from unlocker.log import say
+from unlocker.luks import LuksDevice
+from unlocker.secret import Secret
+from unlocker.store import StoreSpec
+from unlocker.token import Token
+from unlocker.tpm.client import Tpm, resolve_tcti
+from unlocker.tpm.policy import PcrSelection, sealing_policy
 
 KEY_SIZE = 32
 

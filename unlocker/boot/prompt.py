@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import termios
 
-from .run import run, which
-from .secret import Secret
+from unlocker.lean.run import run, which
+from unlocker.secret import Secret
 
 MAX_PASSPHRASE = 512  # cryptsetup's interactive limit
 

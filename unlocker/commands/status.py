@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import CorruptError, UnlockerError
-from .luks import LuksDevice
-from .policy import changed_pcrs, sealing_policy
-from .token import Token
-from .tpm import Tpm, resolve_tcti
+from unlocker.errors import CorruptError, UnlockerError
+from unlocker.luks import LuksDevice
+from unlocker.token import Token
+from unlocker.tpm.client import Tpm, resolve_tcti
+from unlocker.tpm.policy import changed_pcrs, sealing_policy
 
 
 @dataclass

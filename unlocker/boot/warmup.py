@@ -22,9 +22,10 @@ from __future__ import annotations
 import _socket
 import os
 
-from . import TYPE_CHECKING, entropy
-from .log import debug_on_cmdline, set_debug, trace
-from .threads import Background, Signal
+from unlocker import TYPE_CHECKING
+from unlocker.boot import entropy
+from unlocker.lean.threads import Background, Signal
+from unlocker.log import debug_on_cmdline, set_debug, trace
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -58,7 +59,7 @@ def _load_dm_crypt(sysfs: str = "/sys/module") -> None:
                 return
     except OSError:
         pass  # not loaded, or built in (no initstate): modprobe tells
-    from .run import run, which  # here, not at the top: not needed before the cipher's thread starts
+    from unlocker.lean.run import run, which  # here, not at the top: not needed before the cipher's thread starts
 
     modprobe = which("modprobe")
     if modprobe:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 
-from . import TYPE_CHECKING
+from unlocker import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import struct
 
-from . import TYPE_CHECKING
-from .errors import UsageError
-from .record import record
+from unlocker import TYPE_CHECKING
+from unlocker.errors import UsageError
+from unlocker.lean.record import record
 
 if TYPE_CHECKING:
     from typing import Any

@@ -13,7 +13,7 @@ when the class is defined. Modules off the boot path use `dataclasses`.
 
 from __future__ import annotations
 
-from . import TYPE_CHECKING
+from unlocker import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from dataclasses import FrozenInstanceError, field

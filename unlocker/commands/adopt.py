@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import CorruptError, UsageError
-from .log import say
-from .luks import LuksDevice
-from .policy import PcrSelection, sealing_policy
-from .secret import Secret
-from .store import read_blob_pair
-from .token import NV_INDEX_MAX, NV_INDEX_MIN, Token
-from .tpm import SealedObject, Tpm, resolve_tcti, sealed_auth_policy, validate_sealed
+from unlocker.errors import CorruptError, UsageError
+from unlocker.log import say
+from unlocker.luks import LuksDevice
+from unlocker.secret import Secret
+from unlocker.store import read_blob_pair
+from unlocker.token import NV_INDEX_MAX, NV_INDEX_MIN, Token
+from unlocker.tpm.client import SealedObject, Tpm, resolve_tcti, sealed_auth_policy, validate_sealed
+from unlocker.tpm.policy import PcrSelection, sealing_policy
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import _thread
 
-from . import TYPE_CHECKING
+from unlocker import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Callable

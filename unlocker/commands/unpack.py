@@ -19,9 +19,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
-from .errors import UsageError
-from .run import run
+from unlocker import __version__
+from unlocker.errors import UsageError
+from unlocker.lean.run import run
 
 LAUNCHER = "tpm2-unlocker-launcher"  # in the one file's bundle: the one-folder bootloader + our code
 CONTENTS = "_internal"  # where the one-folder bootloader looks for its libraries (PyInstaller's default)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import _json
 
-from . import TYPE_CHECKING
+from unlocker import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from typing import Any

@@ -25,7 +25,7 @@ import fcntl
 import os
 import struct
 
-from .tpmnode import ACPI_TPM2_TABLE, wait_for_node
+from unlocker.tpm.node import ACPI_TPM2_TABLE, wait_for_node
 
 TPM_DEVICE = "/dev/tpmrm0"
 SEED_BYTES = 32  # 256 bits: what the kernel's crng needs to count as seeded

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import store
-from .errors import CorruptError, NoTpmError, UnlockerError, UsageError
-from .log import say
-from .luks import LuksDevice
-from .passphrase import existing_passphrase
-from .token import Token
-from .tpm import Tpm, resolve_tcti
+from unlocker import store
+from unlocker.commands.passphrase import existing_passphrase
+from unlocker.errors import CorruptError, NoTpmError, UnlockerError, UsageError
+from unlocker.log import say
+from unlocker.luks import LuksDevice
+from unlocker.token import Token
+from unlocker.tpm.client import Tpm, resolve_tcti
 
 
 @dataclass(frozen=True)

@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import os
 
-from . import TYPE_CHECKING, store
-from .errors import CorruptError, DeviceNotFoundError, NoTpmError, PolicyError, UnlockerError, UsageError, WrongPassphraseError
-from .log import hint, say, trace
-from .luks import LuksDevice, PendingOpen
-from .policy import changed_pcrs
-from .prompt import ask_passphrase
-from .record import record
-from .secret import Secret
-from .threads import Background
-from .token import Token
-from .tpm import Tpm, resolve_tcti
+from unlocker import TYPE_CHECKING, store
+from unlocker.boot.prompt import ask_passphrase
+from unlocker.errors import (
+    CorruptError,
+    DeviceNotFoundError,
+    NoTpmError,
+    PolicyError,
+    UnlockerError,
+    UsageError,
+    WrongPassphraseError,
+)
+from unlocker.lean.record import record
+from unlocker.lean.threads import Background
+from unlocker.log import hint, say, trace
+from unlocker.luks import LuksDevice, PendingOpen
+from unlocker.secret import Secret
+from unlocker.token import Token
+from unlocker.tpm.client import Tpm, resolve_tcti
+from unlocker.tpm.policy import changed_pcrs
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from .devices import Target
+    from unlocker.boot.devices import Target
 
 # device-mapper's control node: there once dm_mod is loaded
 DM_CONTROL = "/dev/mapper/control"
@@ -242,8 +250,8 @@ def unlock_at_boot(opts: BootOptions) -> int:
 
     Returns how many were opened; raises the first failure after trying them all.
     """
-    from . import warmup
-    from .devices import boot_targets
+    from unlocker.boot import warmup
+    from unlocker.boot.devices import boot_targets
 
     targets = boot_targets()
     trace("boot targets: " + (", ".join(t.source for t in targets) or "none"))
@@ -269,8 +277,8 @@ def unlock_at_boot(opts: BootOptions) -> int:
 
 def _open_targets(targets: list[Target], opts: BootOptions,
                   connection: TpmConnection | None) -> tuple[list[UnlockerError], int]:
-    from . import warmup
-    from .devices import read_luks_header, wait_for
+    from unlocker.boot import warmup
+    from unlocker.boot.devices import read_luks_header, wait_for
 
     failures: list[UnlockerError] = []
     opened = 0

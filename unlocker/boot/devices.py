@@ -7,9 +7,9 @@ import os
 import struct
 import time
 
-from .jsonload import loads
-from .record import record
-from .token import TOKEN_TYPE
+from unlocker.lean.jsonload import loads
+from unlocker.lean.record import record
+from unlocker.token import TOKEN_TYPE
 
 LUKS_MAGIC = b"LUKS\xba\xbe"
 UUID_OFFSET, UUID_SIZE = 168, 40
