@@ -7,7 +7,8 @@ TPM2_UNLOCKER_BINARY=${TPM2_UNLOCKER_BINARY:-/usr/bin/tpm2-unlocker}
 
 check() {
     require_binaries cryptsetup "$TPM2_UNLOCKER_BINARY" || return 1
-    # only when asked for (--add tpm2-unlocker) or when the host has our token on a LUKS disk
+    # 255: never picked by hostonly detection, only when asked for (--add tpm2-unlocker, or a
+    # dracut.conf.d add_dracutmodules+=)
     return 255
 }
 
