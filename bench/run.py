@@ -263,7 +263,6 @@ def main() -> None:
         vwork.mkdir(exist_ok=True)
         disk = vwork / "root.img"
         shutil.copy(golden.path, disk)
-        root = RootImage(disk, golden.uuid, PASSPHRASE)
         if v != "passphrase":
             with Swtpm(state) as tpm:
                 enroll(v, disk, tpm, binary)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pexpect
@@ -20,7 +19,6 @@ FIRMWARE = {
     "4m": ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
     "2m": ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
 }
-UPTIME = re.compile(rb"uptime=([0-9.]+)")
 
 
 @dataclass
@@ -41,8 +39,6 @@ class Boot:
     """A running guest: `console` is the pexpect child on its serial console."""
 
     console: pexpect.spawn
-    log_path: Path
-    started: float = field(default_factory=time.monotonic)
 
     def expect(self, pattern: str | bytes | list, timeout: float = 120) -> int:
         return self.console.expect(pattern, timeout=timeout)
@@ -51,17 +47,8 @@ class Boot:
         time.sleep(0.5)  # as a person would; also lets the prompt finish switching echo off
         self.console.send(text + b"\r")
 
-    def wait_for_root(self, timeout: float = 240) -> float:
-        """Wait until the root's init ran; return its guest uptime."""
-        from .rootfs import ROOT_MARKER
-        self.console.expect(ROOT_MARKER + r" uptime=([0-9.]+)", timeout=timeout)
-        return float(self.console.match.group(1))
-
     def wait_for_poweroff(self, timeout: float = 120) -> None:
         self.console.expect(pexpect.EOF, timeout=timeout)
-
-    def output(self) -> str:
-        return self.log_path.read_bytes().decode(errors="replace")
 
 
 def qemu_command(cfg: BootConfig, vars_copy: Path, tpm: GuestTpm | None) -> list[str]:
@@ -97,7 +84,7 @@ def boot(cfg: BootConfig, work: Path, name: str) -> Iterator[Boot]:
         child = pexpect.spawn(argv[0], argv[1:], timeout=240, echo=False)
         child.logfile_read = log
         try:
-            yield Boot(child, log_path)
+            yield Boot(child)
         finally:
             if child.isalive():
                 child.terminate(force=True)

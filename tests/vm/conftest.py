@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -55,6 +54,3 @@ def enrolled(artifacts: Artifacts, tmp_path_factory: pytest.TempPathFactory) -> 
 def guest_of(enrolled: dict[str, Guest], tmp_path: Path):  # type: ignore[no-untyped-def]
     """A scenario's own copy of the golden guest of a kind."""
     return lambda kind: enrolled[kind].clone(tmp_path)
-
-
-os.environ.setdefault("TPM2_UNLOCKER_VM_CACHE", str(Path(__file__).resolve().parents[2] / "vm" / "cache"))
