@@ -44,7 +44,7 @@ from vm.images import build_binary
 from vm.initramfs import DRACUT_DRIVERS, Initramfs, build_dracut, build_mkinitcpio_busybox
 from vm.kernel import Kernel, fetch_kernel
 from vm.rootfs import RootImage, build_root_image
-from vm.swtpm import Swtpm
+from vm.swtpm import SRK_ATTRS, Swtpm
 from vm.tools import run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -223,9 +223,6 @@ def host_bench(binary: Path, work: Path) -> None:
             clevis = time_command(["bash", "-c", f"clevis luks pass -d {cdisk} -s 2 | cryptsetup open --test-passphrase "
                                    f"--key-slot 2 --key-file=- {cdisk}"], env={"TPM2TOOLS_TCTI": tpm.tcti})
             print(f"  clevis luks pass + open-test: {clevis * 1000:.0f} ms; ratio ours/clevis {ours / clevis:.2f}")
-
-
-SRK_ATTRS = "restricted|decrypt|fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda"
 
 
 def main() -> None:

@@ -79,7 +79,7 @@ def have(program: str) -> bool:
     return shutil.which(program) is not None
 
 # tpm2-tools' attributes for our SRK: its default ECC primary plus noda.
-SRK_ATTRS = "restricted|decrypt|fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda"
+from vm.swtpm import SRK_ATTRS  # noqa: E402
 
 
 def tpm2_tools_unseal(tpm: Swtpm, blob: Path, pcrs: str, work: Path) -> bytes:

@@ -10,6 +10,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# Our SRK's attributes for `tpm2_createprimary -G ecc --attributes`: tpm2-tools' default ECC primary
+# plus noda (the unlocker's "tcg" template), so the host's interop tests and the benchmark's tpm2-tools
+# chain load our sealed objects under the same parent.
+SRK_ATTRS = "restricted|decrypt|fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda"
+
 
 def free_port_pair() -> int:
     """A port P such that P and P+1 are both free on loopback."""
