@@ -87,7 +87,8 @@ def verb_remove(opts: argparse.Namespace) -> int:
 
 
 def verb_adopt(opts: argparse.Namespace) -> int:
-    from unlocker.commands.adopt import AdoptOptions, adopt, parse_nv_index
+    from unlocker.commands.adopt import AdoptOptions, adopt
+    from unlocker.token import parse_nv_index
 
     if (opts.blob is None) == (opts.nv is None):
         raise UsageError("adopt takes one of --blob PUB PRIV or --nv INDEX")

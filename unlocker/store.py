@@ -12,8 +12,10 @@ import os
 from unlocker.errors import CorruptError, UsageError
 from unlocker.lean.record import record
 from unlocker.secret import Secret
-from unlocker.token import NV_INDEX_MAX, NV_INDEX_MIN, Token
-from unlocker.tpm.client import DEFAULT_NV_INDEX, SealedObject, Tpm
+from unlocker.token import Token, parse_nv_index
+from unlocker.tpm.client import Tpm
+from unlocker.tpm.nv import DEFAULT_NV_INDEX
+from unlocker.tpm.seal import SealedObject
 
 PUB_NAME, PRIV_NAME = "key.pub", "key.priv"
 PENDING = ".new"
@@ -33,15 +35,7 @@ class StoreSpec:
         if kind == "token" and not sep:
             return cls("token")
         if kind == "nv":
-            if not sep:
-                return cls("nv")
-            try:
-                index = int(arg, 16) if not arg.lower().startswith("0x") else int(arg, 0)
-            except ValueError:
-                raise UsageError(f"'{arg}' is not an NV index (write it like 0x1500016)") from None
-            if not NV_INDEX_MIN <= index <= NV_INDEX_MAX:
-                raise UsageError(f"NV index 0x{index:x} is outside the owner range 0x01000000-0x01ffffff")
-            return cls("nv", nv_index=index)
+            return cls("nv", nv_index=parse_nv_index(arg)) if sep else cls("nv")
         if kind == "file" and sep and arg:
             return cls("file", blob_dir=os.path.abspath(arg))
         raise UsageError(f"unknown store '{text}' (use token, nv, nv=INDEX or file=DIR)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import binascii  # not base64, which imports re (start-up time at boot)
 
 from unlocker import TYPE_CHECKING
-from unlocker.errors import CorruptError
+from unlocker.errors import CorruptError, UsageError
 from unlocker.lean.jsonload import loads
 from unlocker.lean.record import field, record
 from unlocker.tpm.policy import BANKS, PCR_COUNT, PcrSelection
@@ -29,6 +29,20 @@ _PER_STORE = {"token": {"tpm2_public", "tpm2_private"}, "nv": {"nv_index"}, "fil
 _DIGITS = "0123456789"
 _LOWER_HEX = _DIGITS + "abcdef"
 _HEX = _LOWER_HEX + "ABCDEF"
+
+
+def parse_nv_index(text: str) -> int:
+    """An NV index as the user writes it, with tpm2-tools' meaning: hexadecimal with or without 0x,
+    and a value below the owner range is an offset into it (tpm2_nvdefine 0x2000A defines 0x0102000a)."""
+    digits = text[2:] if text.lower().startswith("0x") else text
+    if not _spelled_with(digits, _HEX, range(1, 9)):
+        raise UsageError(f"'{text}' is not an NV index (write it like 0x1500016)")
+    index = int(digits, 16)
+    if index < NV_INDEX_MIN:
+        index += NV_INDEX_MIN
+    if not NV_INDEX_MIN <= index <= NV_INDEX_MAX:
+        raise UsageError(f"NV index {text} is outside the owner range 0x01000000-0x01ffffff")
+    return index
 
 
 def _spelled_with(text: str, alphabet: str, lengths: range) -> bool:

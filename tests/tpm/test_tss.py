@@ -13,8 +13,9 @@ from helpers import Swtpm
 from unlocker.errors import CorruptError
 from unlocker.secret import Secret
 from unlocker.tpm import tss
-from unlocker.tpm.client import SealedObject, Tpm, validate_sealed
+from unlocker.tpm.client import Tpm
 from unlocker.tpm.policy import PcrSelection
+from unlocker.tpm.seal import SealedObject, validate_sealed
 
 pytestmark = pytest.mark.tpm
 ROOT = Path(__file__).resolve().parents[2]

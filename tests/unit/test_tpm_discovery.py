@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from unlocker.errors import NoTpmError
-from unlocker.tpm import client as tpm
 from unlocker.tpm import node as tpmnode
+from unlocker.tpm import tcti as tpm
 
 
 @pytest.fixture

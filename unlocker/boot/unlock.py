@@ -21,8 +21,9 @@ from unlocker.log import hint, say, trace
 from unlocker.luks import LuksDevice, PendingOpen
 from unlocker.secret import Secret
 from unlocker.token import Token
-from unlocker.tpm.client import Tpm, resolve_tcti
+from unlocker.tpm.client import Tpm
 from unlocker.tpm.policy import changed_pcrs
+from unlocker.tpm.tcti import resolve_tcti
 
 if TYPE_CHECKING:
     from collections.abc import Callable

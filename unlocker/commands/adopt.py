@@ -14,9 +14,11 @@ from unlocker.log import say
 from unlocker.luks import LuksDevice
 from unlocker.secret import Secret
 from unlocker.store import read_blob_pair
-from unlocker.token import NV_INDEX_MAX, NV_INDEX_MIN, Token
-from unlocker.tpm.client import SealedObject, Tpm, resolve_tcti, sealed_auth_policy, validate_sealed
+from unlocker.token import Token
+from unlocker.tpm.client import Tpm
 from unlocker.tpm.policy import PcrSelection, sealing_policy
+from unlocker.tpm.seal import SealedObject, sealed_auth_policy, validate_sealed
+from unlocker.tpm.tcti import resolve_tcti
 
 
 @dataclass(frozen=True)
@@ -26,19 +28,6 @@ class AdoptOptions:
     blob: tuple[str, str] | None
     nv_index: int | None
     tcti: str | None
-
-
-def parse_nv_index(text: str) -> int:
-    """An NV index as tpm2_nvdefine takes it: 0x1500016, or an offset like 0x2000A (-> 0x102000a)."""
-    try:
-        index = int(text, 0) if text.lower().startswith("0x") else int(text, 16)
-    except ValueError:
-        raise UsageError(f"'{text}' is not an NV index") from None
-    if index < NV_INDEX_MIN:
-        index += NV_INDEX_MIN
-    if not NV_INDEX_MIN <= index <= NV_INDEX_MAX:
-        raise UsageError(f"NV index {text} is outside the owner range 0x01000000-0x01ffffff")
-    return index
 
 
 def _keyslot_of(device: LuksDevice, secret: Secret) -> int:

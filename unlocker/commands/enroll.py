@@ -17,8 +17,9 @@ from unlocker.luks import LuksDevice
 from unlocker.secret import Secret
 from unlocker.store import StoreSpec
 from unlocker.token import Token
-from unlocker.tpm.client import Tpm, resolve_tcti
+from unlocker.tpm.client import Tpm
 from unlocker.tpm.policy import PcrSelection, sealing_policy
+from unlocker.tpm.tcti import resolve_tcti
 
 KEY_SIZE = 32
 

@@ -15,7 +15,8 @@ from unlocker.errors import CorruptError, NoTpmError, UnlockerError, UsageError
 from unlocker.log import say
 from unlocker.luks import LuksDevice
 from unlocker.token import Token
-from unlocker.tpm.client import Tpm, resolve_tcti
+from unlocker.tpm.client import Tpm
+from unlocker.tpm.tcti import resolve_tcti
 
 
 @dataclass(frozen=True)

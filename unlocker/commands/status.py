@@ -12,8 +12,9 @@ from typing import Any
 from unlocker.errors import CorruptError, UnlockerError
 from unlocker.luks import LuksDevice
 from unlocker.token import Token
-from unlocker.tpm.client import Tpm, resolve_tcti
+from unlocker.tpm.client import Tpm
 from unlocker.tpm.policy import changed_pcrs, sealing_policy
+from unlocker.tpm.tcti import resolve_tcti
 
 
 @dataclass

@@ -73,14 +73,20 @@ class PcrSelection:
         return BANKS[self.bank][1]
 
     def bitmap(self) -> bytes:
-        bits = bytearray(3)
+        """The pcrSelect bytes of a TPMS_PCR_SELECTION: bit p % 8 of byte p // 8 for PCR p."""
+        bits = bytearray(PCR_COUNT // 8)
         for p in self.pcrs:
             bits[p // 8] |= 1 << (p % 8)
         return bytes(bits)
 
+    @staticmethod
+    def pcrs_in(bitmap: bytes) -> tuple[int, ...]:
+        """The PCRs a pcrSelect bitmap selects (the inverse of bitmap())."""
+        return tuple(p for p in range(len(bitmap) * 8) if bitmap[p // 8] & (1 << (p % 8)))
+
     def marshal(self) -> bytes:
         """TPML_PCR_SELECTION with this one bank, as the TPM hashes it."""
-        return struct.pack(">IHB", 1, self.alg_id, 3) + self.bitmap()
+        return struct.pack(">IHB", 1, self.alg_id, PCR_COUNT // 8) + self.bitmap()
 
 
 def _sha256(data: bytes = b"") -> Any:

@@ -146,10 +146,6 @@ class Esys:
             lib.Tss2_TctiLdr_Finalize(self._tcti)
             raise
 
-    @property
-    def ctx(self) -> Any:
-        return self._ctx[0]
-
     def close(self) -> None:
         if self._ctx[0] != ffi.NULL:
             lib.Esys_Finalize(self._ctx)

@@ -1,0 +1,137 @@
+"""NV indexes: the key kept in TPM memory, readable only through the PCR policy."""
+
+from __future__ import annotations
+
+from unlocker import TYPE_CHECKING
+from unlocker.errors import CorruptError, UsageError
+from unlocker.lean.record import record
+from unlocker.secret import Secret
+from unlocker.tpm import errors, tss
+from unlocker.tpm.policy import PcrSelection
+from unlocker.tpm.seal import take_secret
+from unlocker.tpm.session import Sessions
+from unlocker.tpm.tss import TssError, lib
+
+if TYPE_CHECKING:
+    from unlocker.tpm.tss import CData
+
+DEFAULT_NV_INDEX = 0x01500016
+
+
+@record(frozen=True)
+class NvInfo:
+    """An NV index as the TPM reports it: size, attributes, policy digest, whether it has noDA."""
+
+    index: int
+    size: int
+    attributes: int
+    auth_policy: bytes
+    no_da: bool
+
+
+class NvStorage(Sessions):
+    def _nv_lookup(self, index: int, op: errors.Operation) -> tuple[int, CData] | None:
+        """The ESYS handle (the caller closes it) and TPMS_NV_PUBLIC of `index`; None when undefined."""
+        try:
+            handles, _ = self._handles(index, 1)
+            if index not in handles:
+                return None
+            handle = self._from_tpm_public(index)
+        except TssError as exc:
+            raise errors.tpm_error(exc, op.at(index)) from None
+        public = tss.new("TPM2B_NV_PUBLIC **")
+        try:
+            self._esys.call("NV_ReadPublic", handle, tss.NONE, tss.NONE, tss.NONE, public, tss.ffi.NULL)
+        except TssError as exc:
+            self._esys.tr_close(handle)
+            raise errors.tpm_error(exc, op.at(index)) from None
+        nv_public = tss.new("TPMS_NV_PUBLIC *", public[0].nvPublic)
+        tss.free(public[0])
+        return handle, nv_public
+
+    def nv_info(self, index: int) -> NvInfo | None:
+        found = self._nv_lookup(index, errors.NV_LOOKUP)
+        if found is None:
+            return None
+        handle, nv_public = found
+        self._esys.tr_close(handle)
+        attrs = nv_public.attributes
+        return NvInfo(index=index, size=nv_public.dataSize,
+                      attributes=attrs, auth_policy=tss.tpm2b_bytes(nv_public.authPolicy),
+                      no_da=bool(attrs & lib.TPMA_NV_NO_DA))
+
+    def nv_define_and_write(self, index: int, secret: Secret, policy: bytes) -> None:
+        """Define `index` (policyread|authwrite|no_da, like the seed's tpm2_nvdefine plus noDA) and write."""
+        if self.nv_info(index) is not None:
+            raise UsageError(f"NV index 0x{index:08x} is already defined (choose another with --store nv=INDEX)")
+        public = tss.new("TPM2B_NV_PUBLIC *")
+        public.nvPublic.nvIndex = index
+        public.nvPublic.nameAlg = lib.TPM2_ALG_SHA256
+        public.nvPublic.attributes = lib.TPMA_NV_POLICYREAD | lib.TPMA_NV_AUTHWRITE | lib.TPMA_NV_NO_DA
+        tss.fill_tpm2b(public.nvPublic.authPolicy, policy)
+        public.nvPublic.dataSize = len(secret)
+        handle = tss.new("ESYS_TR *")
+        try:
+            self._esys.call("NV_DefineSpace", lib.ESYS_TR_RH_OWNER, tss.PASSWORD, tss.NONE, tss.NONE,
+                            tss.new("TPM2B_AUTH *"), public, handle)
+        except TssError as exc:
+            raise errors.tpm_error(exc, errors.NV_DEFINE.at(index)) from None
+        buffer = tss.new("TPM2B_MAX_NV_BUFFER *")
+        tss.fill_tpm2b(buffer, secret.data)
+        try:
+            with self._salted_session(lib.TPM2_SE_HMAC) as session:
+                self._esys.call("NV_Write", handle[0], handle[0], session, tss.NONE, tss.NONE, buffer, 0)
+        except TssError as exc:
+            self.nv_undefine(index)
+            raise errors.tpm_error(exc, errors.NV_WRITE.at(index)) from None
+        finally:
+            tss.wipe(buffer)
+            self._esys.tr_close(handle[0])
+
+    def nv_read(self, index: int, selection: PcrSelection) -> Secret:
+        found = self._nv_lookup(index, errors.NV_READ)
+        if found is None:
+            raise CorruptError(f"NV index 0x{index:08x} does not exist in this TPM")
+        handle, nv_public = found
+        try:
+            with self._salted_session(lib.TPM2_SE_POLICY) as session:
+                self._policy_pcr(session, selection)
+                data = tss.new("TPM2B_MAX_NV_BUFFER **")
+                self._esys.call("NV_Read", handle, handle, session, tss.NONE, tss.NONE,
+                                nv_public.dataSize, 0, data)
+            return take_secret(data[0])
+        except TssError as exc:
+            raise errors.tpm_error(exc, errors.NV_READ.at(index)) from None
+        finally:
+            self._esys.tr_close(handle)
+
+    def nv_undefine(self, index: int) -> bool:
+        """Undefine `index`; False if it did not exist."""
+        found = self._nv_lookup(index, errors.NV_UNDEFINE)
+        if found is None:
+            return False
+        handle, _ = found
+        try:
+            self._esys.call("NV_UndefineSpace", lib.ESYS_TR_RH_OWNER, handle, tss.PASSWORD, tss.NONE, tss.NONE)
+        except TssError as exc:
+            self._esys.tr_close(handle)
+            raise errors.tpm_error(exc, errors.NV_UNDEFINE.at(index)) from None
+        return True
+
+    def free_nv_index(self, start: int) -> int:
+        """The first index from `start` on (within 256) that is not defined: one capability query."""
+        defined: set[int] = set()
+        try:
+            first, more = start, True
+            while more and first < start + 256:
+                handles, more = self._handles(first, start + 256 - first)
+                if not handles:
+                    break
+                defined.update(handles)
+                first = max(handles) + 1
+        except TssError as exc:
+            raise errors.tpm_error(exc, errors.NV_LIST.at(start)) from None
+        for index in range(start, start + 256):
+            if index not in defined:
+                return index
+        raise UsageError(f"no free NV index near 0x{start:08x}")
