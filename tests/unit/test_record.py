@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from unlocker.lean import record as record_module
 from unlocker.lean.record import FrozenInstanceError, field, record
 
 Decorator = Callable[..., object]
@@ -136,8 +138,58 @@ def test_options_record_does_not_implement_are_refused() -> None:
             b: int
 
 
-def test_record_is_not_dataclasses_at_run_time() -> None:
-    """The point of the module: at run time nothing of it comes from `dataclasses`."""
-    assert record is not dataclasses.dataclass
-    assert record_module.FrozenInstanceError is not dataclasses.FrozenInstanceError
-    assert issubclass(FrozenInstanceError, AttributeError)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_at_run_time_record_is_our_decorator_and_dataclasses_is_not_imported() -> None:
+    """The point of the module: the boot path gets `record` without importing `dataclasses` (and
+    with it inspect, ast, dis, tokenize). A fresh interpreter, -S as in the frozen binary (the
+    venv's .pth files import modules of their own), imports it and defines a record."""
+    code = ("import sys\n"
+            "from unlocker.lean.record import FrozenInstanceError, field, record\n"
+            "@record(frozen=True)\n"
+            "class Point:\n"
+            "    x: int\n"
+            "    y: int = field(default=0)\n"
+            "print(record.__module__, field.__module__, FrozenInstanceError.__module__,\n"
+            "      '__dataclass_fields__' in vars(Point), sorted({'dataclasses', 'inspect'} & set(sys.modules)))\n")
+    done = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["unlocker.lean.record"] * 3 + ["False", "[]"]
+
+
+PROBE = """\
+from unlocker.lean.record import FrozenInstanceError, field, record
+
+
+@record(frozen=True)
+class Point:
+    x: int
+    tags: list[str] = field(default_factory=list)
+
+
+reveal_type(record)
+reveal_type(FrozenInstanceError)
+Point(x="not an int")
+Point(1).x = 2
+"""
+
+
+def test_type_checkers_see_dataclasses_dataclass(tmp_path: Path) -> None:
+    """mypy (pyproject's configuration) reads the TYPE_CHECKING branch: `record` is
+    dataclasses.dataclass, so a record's fields, their types and frozen-ness are checked as a dataclass's."""
+    pytest.importorskip("mypy", reason="mypy is not installed in this environment")
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    done = subprocess.run([sys.executable, "-m", "mypy", "--no-incremental", "--cache-dir", str(tmp_path / "cache"),
+                           "--no-error-summary", "--show-error-codes", "--hide-error-context", str(probe)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    lines = done.stdout.splitlines()
+    assert all(line.startswith(f"{probe}:") for line in lines), done.stdout + done.stderr  # nothing in record.py
+    said = {int(number): text.strip() for number, text in (line[len(f"{probe}:"):].split(":", 1) for line in lines)}
+    assert sorted(said) == [10, 11, 12, 13], done.stdout + done.stderr
+    # dataclasses.dataclass's overloads, with the options record refuses at run time (slots, order...)
+    assert said[10].startswith("note: Revealed type is") and "frozen: bool =" in said[10] and "slots: bool =" in said[10]
+    assert said[11].startswith("note: Revealed type is") and said[11].endswith('-> dataclasses.FrozenInstanceError"')
+    assert said[12] == 'error: Argument "x" to "Point" has incompatible type "str"; expected "int"  [arg-type]'
+    assert said[13] == 'error: Property "x" defined in "Point" is read-only  [misc]'
