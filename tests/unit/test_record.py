@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import subprocess
 import sys
@@ -193,3 +194,199 @@ def test_type_checkers_see_dataclasses_dataclass(tmp_path: Path) -> None:
     assert said[11].startswith("note: Revealed type is") and said[11].endswith('-> dataclasses.FrozenInstanceError"')
     assert said[12] == 'error: Argument "x" to "Point" has incompatible type "str"; expected "int"  [arg-type]'
     assert said[13] == 'error: Property "x" defined in "Point" is read-only  [misc]'
+
+
+# What type checkers accept on a record (they see a dataclass) and what fails at run time.
+DATACLASSES_HELPERS = ("replace", "asdict", "astuple", "fields")
+FIELD_KEYWORDS = ("default", "default_factory", "compare")
+PACKAGE = REPO / "unlocker"
+
+
+@pytest.mark.parametrize("helper", DATACLASSES_HELPERS)
+def test_dataclasses_helpers_fail_on_a_record_at_run_time(helper: str) -> None:
+    """Why record_misuse() exists: each of these passes mypy on a record and raises at run time."""
+    Point = point_class(record, frozen=True)
+    with pytest.raises(TypeError):
+        getattr(dataclasses, helper)(Point(1))
+
+
+def _absolute(node: ast.ImportFrom, package: str) -> str:
+    if not node.level:
+        return node.module or ""
+    base = package.rsplit(".", node.level - 1)[0]
+    return f"{base}.{node.module}" if node.module else base
+
+
+def record_misuse(package: Path) -> list[str]:
+    """Uses of `record` that type checkers accept and that fail at run time, in every module of
+    `package` (a directory named as the package). Three rules, each true of the code today:
+    a module importing unlocker.lean.record imports nothing from dataclasses (so no dataclasses
+    helper, and no dataclasses.field, meets a record there); record's `field` gets only the keywords
+    it takes; elsewhere (commands/ use dataclasses for their own classes, and hold records: Token,
+    PcrSelection), replace/asdict/astuple/fields are called only on a @dataclass class of the module
+    or on `self` in one of its methods: what the scan cannot prove is no record, it refuses."""
+    problems = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package.parent)
+        package_name = ".".join(rel.with_suffix("").parts[:-1])  # of x.py and of x/__init__.py alike
+        problems += _module_misuse(ast.parse(path.read_text(), str(rel)), str(rel), package_name)
+    return problems
+
+
+def _module_misuse(tree: ast.Module, rel: str, package_name: str) -> list[str]:
+    problems = []
+    record_fields, helpers, dataclass_names = set(), set(), set()
+    record_import = dataclasses_import = None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == "dataclasses":
+                    dataclasses_import = dataclasses_import or node
+                    local = alias.asname or "dataclasses"
+                    helpers |= {f"{local}.{h}" for h in DATACLASSES_HELPERS}
+                    dataclass_names.add(f"{local}.dataclass")
+                elif alias.name == "unlocker.lean.record":
+                    record_import = record_import or node
+                    record_fields.add(f"{alias.asname}.field" if alias.asname else "unlocker.lean.record.field")
+        elif isinstance(node, ast.ImportFrom):
+            source = _absolute(node, package_name)
+            for alias in node.names:
+                local = alias.asname or alias.name
+                if source == "dataclasses":
+                    dataclasses_import = dataclasses_import or node
+                    if alias.name in DATACLASSES_HELPERS:
+                        helpers.add(local)
+                    elif alias.name == "dataclass":
+                        dataclass_names.add(local)
+                elif source == "unlocker.lean.record":
+                    record_import = record_import or node
+                    if alias.name == "field":
+                        record_fields.add(local)
+                elif source == "unlocker.lean" and alias.name == "record":
+                    record_import = record_import or node
+                    record_fields.add(f"{local}.field")
+    if record_import is not None and dataclasses_import is not None:
+        problems.append(f"{rel}:{dataclasses_import.lineno}: imports dataclasses beside unlocker.lean.record "
+                        f"(line {record_import.lineno}): its helpers and field options fail on a record")
+
+    def is_dataclass(node: ast.ClassDef) -> bool:
+        return any(ast.unparse(d.func if isinstance(d, ast.Call) else d) in dataclass_names for d in node.decorator_list)
+
+    local_dataclasses = {n.name for n in tree.body if isinstance(n, ast.ClassDef) and is_dataclass(n)}
+
+    def visit(node: ast.AST, enclosing: ast.ClassDef | None) -> None:
+        if isinstance(node, ast.Call):
+            called = ast.unparse(node.func)
+            if called in record_fields:
+                bad = [ast.unparse(a) for a in node.args]
+                bad += [f"{k.arg}=" if k.arg else f"**{ast.unparse(k.value)}" for k in node.keywords
+                        if k.arg not in FIELD_KEYWORDS]
+                if bad:
+                    problems.append(f"{rel}:{node.lineno}: record's field() takes only "
+                                    f"{', '.join(FIELD_KEYWORDS)} as keywords, not {', '.join(bad)}")
+            if called in helpers:
+                first = ast.unparse(node.args[0]) if node.args else ""
+                on_self = first == "self" and enclosing is not None and is_dataclass(enclosing)
+                if not on_self and first not in local_dataclasses:
+                    problems.append(f"{rel}:{node.lineno}: {called}({first}, ...) on what may be a record: "
+                                    "only on a @dataclass class of this module, or on self in its methods")
+        for child in ast.iter_child_nodes(node):
+            visit(child, node if isinstance(node, ast.ClassDef) else enclosing)
+
+    visit(tree, None)
+    return problems
+
+
+def test_no_module_uses_dataclasses_helpers_or_field_options_on_records() -> None:
+    assert sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__") == \
+        ["boot", "commands", "lean", "tpm"]  # the scan below reaches into every one of them
+    assert record_misuse(PACKAGE) == []
+
+
+PLANTED = {
+    "both.py": """\
+import dataclasses
+from unlocker.lean.record import record
+
+
+@record
+class Point:
+    x: int
+
+
+moved = dataclasses.replace(Point(1), x=2)
+""",
+    "boot/options.py": """\
+from unlocker.lean.record import field, record
+
+
+@record
+class Options:
+    tries: int = field(default=3, repr=False)
+    names: list[str] = field(default_factory=list, compare=False)
+    late: int = field(0)
+""",
+    "lean/aliased.py": """\
+from . import record as r
+from .record import field as f
+
+x = r.field(default=1, kw_only=True)
+y = f(**{"default": 1})
+""",
+    "commands/bump.py": """\
+from dataclasses import dataclass, replace
+from dataclasses import asdict as as_dict
+
+from unlocker.token import Token
+
+
+@dataclass(frozen=True)
+class Plan:
+    token: Token
+
+    def as_json(self) -> dict:
+        return as_dict(self)
+
+
+def bump(token: Token) -> Token:
+    return replace(token, keyslot=token.keyslot + 1)
+""",
+    "commands/fine.py": """\
+import dataclasses as dc
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Report:
+    lines: list[str] = field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+names = [f.name for f in dc.fields(Report)]
+""",
+}
+
+
+def test_record_misuse_finds_each_planted_mistake(tmp_path: Path) -> None:
+    """The scan, on a copy of the package's shape with one mistake of each kind planted (and
+    dataclasses used the way commands/ use it, which must pass)."""
+    package = tmp_path / "unlocker"
+    for name, text in PLANTED.items():
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        (package / name).write_text(text)
+    assert record_misuse(package) == [
+        "unlocker/boot/options.py:6: record's field() takes only default, default_factory, compare as keywords, not repr=",
+        "unlocker/boot/options.py:8: record's field() takes only default, default_factory, compare as keywords, not 0",
+        "unlocker/both.py:1: imports dataclasses beside unlocker.lean.record (line 2): its helpers and field options "
+        "fail on a record",
+        "unlocker/both.py:10: dataclasses.replace(Point(1), ...) on what may be a record: only on a @dataclass class "
+        "of this module, or on self in its methods",
+        "unlocker/commands/bump.py:16: replace(token, ...) on what may be a record: only on a @dataclass class of this "
+        "module, or on self in its methods",
+        "unlocker/lean/aliased.py:4: record's field() takes only default, default_factory, compare as keywords, "
+        "not kw_only=",
+        "unlocker/lean/aliased.py:5: record's field() takes only default, default_factory, compare as keywords, "
+        "not **{'default': 1}",
+    ]
