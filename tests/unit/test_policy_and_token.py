@@ -31,16 +31,27 @@ def test_pcr_selection_rejects_bad_input(text: str, message: str) -> None:
         PcrSelection.parse(text)
 
 
+# Known answers from tpm2-tools on swtpm (checked live in tests/tpm/test_policy_digest.py), with
+# PCR 0 as TPM2_Startup(CLEAR) leaves it, 32 zero bytes (tpm2_pcrread sha256:0):
+#   tpm2_createpolicy --policy-pcr --pcr-list=sha256:0 --policy=pcr0.pol
+POLICY_PCR_SHA256_0_ZERO = bytes.fromhex("093ceb41181d47808862d7946268ee6a17a10e3d1b79b32351bc56e4beaceff0")
+#   (zero.pol: 32 zero bytes) tpm2_startauthsession --session=s.ctx (a trial session), then
+#   tpm2_policyor --session=s.ctx --policy=or.pol sha256:pcr0.pol,zero.pol
+POLICY_OR_PCR0_AND_ZERO = bytes.fromhex("5e8cf7fc3b194582ecd321d234592d04fe3bc5b18a0206cadbe2ac608d003b83")
+
+
 def test_policy_pcr_known_answer() -> None:
-    """PolicyPCR over sha256:0 with PCR 0 all zeros; value computed by tpm2_createpolicy on swtpm."""
+    """PolicyPCR over sha256:0 with PCR 0 all zeros is tpm2_createpolicy's digest, byte for byte; a
+    PCR value of the wrong size for the bank is refused."""
     sel = PcrSelection.parse("sha256:0")
-    # PCR 0 == 0^32 -> digest of the value is sha256(0^32); the policy digest is fixed for that
-    digest = policy_pcr(sel, {0: bytes(32)})
-    assert len(digest) == 32
-    assert digest != policy_pcr(sel, {0: b"\x01" * 32})
+    assert policy_pcr(sel, {0: bytes(32)}) == POLICY_PCR_SHA256_0_ZERO
     with pytest.raises(ValueError):
         policy_pcr(sel, {0: bytes(20)})
-    assert len(policy_or([digest, bytes(32)])) == 32
+
+
+def test_policy_or_known_answer() -> None:
+    """PolicyOR over that PolicyPCR digest and an all-zero branch is tpm2_policyor's digest."""
+    assert policy_or([POLICY_PCR_SHA256_0_ZERO, bytes(32)]) == POLICY_OR_PCR0_AND_ZERO
 
 
 def sample_token() -> Token:
