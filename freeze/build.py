@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from unlocker.commands.unpack import CONTENTS, LAUNCHER  # noqa: E402
+from unlocker.commands.unpack import CONTENTS, LAUNCHER, LEFT_OUT_OF_BUNDLE  # noqa: E402
 
 # Where the one-file binary unpacks at each start: under /run, in a folder of its own. (An initramfs
 # carries the program unpacked at image build instead: `tpm2-unlocker unpack`.)
@@ -55,9 +55,6 @@ def tcti_libraries() -> list[str]:
     return found
 
 
-# Left out of the bundle, loaded from the system: every initramfs that has cryptsetup has them
-# (libcryptsetup links both), and a one-file binary copies each bundled byte out at every start.
-SYSTEM_LIBRARIES = ("libcrypto.so.3", "libz.so.1")
 
 DROPPED_RUNTIME_HOOKS = ("pyi_rth_inspect",)
 
@@ -115,7 +112,7 @@ def write_spec(work: Path) -> Path:
     # PyInstaller's runtime hook for `inspect` imports zipfile (and pathlib, urllib, ...) and reads
     # base_library.zip's directory at every start, to fix inspect.getsourcefile for tracebacks the
     # boot never prints: ~0.1 s of the start in the TCG guest.
-    text = text.replace("pyz = PYZ(a.pure)", f"a.binaries = [b for b in a.binaries if b[0] not in {SYSTEM_LIBRARIES!r}]\n"
+    text = text.replace("pyz = PYZ(a.pure)", f"a.binaries = [b for b in a.binaries if b[0] not in {LEFT_OUT_OF_BUNDLE!r}]\n"
                         f"a.scripts = [s for s in a.scripts if s[0] not in {DROPPED_RUNTIME_HOOKS!r}]\n"
                         "pyz = PYZ(a.pure)\n" + LAUNCHER_SPEC)
     datas = "    a.datas,\n"

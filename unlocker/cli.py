@@ -2,8 +2,9 @@
 
 Verb modules are imported lazily so `--version` and `--help` never load tpm2_pytss (start-up cost
 matters in the initramfs). For the same reason the boot's own command line (`unlock` with the
-options the hooks pass) is read without argparse: its import and the parser's construction were
-~0.1 s of a boot under emulation. Any other command line goes through argparse.
+options the hooks pass) is read without argparse: its import and the parser's construction are
+start-up time a boot pays under emulation (docs/performance.md). Any other command line goes through
+argparse. Both parsers are built from one table, options.VERBS.
 """
 
 from __future__ import annotations
@@ -12,22 +13,14 @@ import os
 import sys
 from types import SimpleNamespace
 
-from unlocker import TYPE_CHECKING, __version__
-from unlocker.errors import EXIT_OK, EXIT_USAGE, UnlockerError, UsageError
+from unlocker import TYPE_CHECKING, __version__, initrd, options
+from unlocker.errors import EXIT_INTERNAL, EXIT_OK, UnlockerError, UsageError
 from unlocker.log import debug_on_cmdline, hint, say, set_debug, trace
-from unlocker.tpm.policy import DEFAULT_PCRS, PcrSelection
 
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable, Sequence
-    from typing import NoReturn
-
-DEFAULT_TRIES = 3
-DEFAULT_TIMEOUT = 30
-
-
-def _selection(text: str) -> PcrSelection:
-    return PcrSelection.parse(text)
+    from typing import Any, NoReturn
 
 
 def verb_enroll(opts: argparse.Namespace) -> int:
@@ -43,8 +36,6 @@ def verb_enroll(opts: argparse.Namespace) -> int:
 def verb_unlock(opts: argparse.Namespace) -> int:
     from unlocker.boot.unlock import BootOptions, UnlockOptions, unlock, unlock_at_boot
 
-    if opts.tries < 0:
-        raise UsageError("--tries must be 0 or more")
     if opts.no_tpm and opts.tries == 0:
         raise UsageError("--no-tpm with --tries 0 would open nothing")
     if opts.device is None:
@@ -104,8 +95,13 @@ def verb_adopt(opts: argparse.Namespace) -> int:
 def verb_unpack(opts: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from unlocker.commands.unpack import unpack
+    from unlocker.commands.unpack import SYSTEM_LIBRARIES, unpack
 
+    if opts.libraries:
+        print("\n".join(SYSTEM_LIBRARIES))
+        return EXIT_OK
+    if opts.dir is None:
+        raise UsageError("unpack needs DIR (or --libraries)")
     done = unpack(Path(opts.dir))
     if done.checked:
         say(f"unpacked into {opts.dir}: run {done.program}")
@@ -114,7 +110,14 @@ def verb_unpack(opts: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+VERB_FUNCTIONS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "enroll": verb_enroll, "unlock": verb_unlock, "reseal": verb_reseal, "status": verb_status,
+    "remove": verb_remove, "adopt": verb_adopt, "unpack": verb_unpack,
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """argparse's parser, built from the option table (options.VERBS)."""
     import argparse
 
     from unlocker.argparser import Parser
@@ -123,103 +126,70 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tpm2-unlocker {__version__}")
     parser.add_argument("--debug", action="store_true", help="log commands and show tracebacks")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
-
-    def verb(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        p = verbs.add_parser(name, help=help, description=help)
-        p.set_defaults(func=func)
-        p.add_argument("--tcti", help="TPM connection (default: $TPM2_UNLOCKER_TCTI, $TPM2TOOLS_TCTI, "
-                                      "device:/dev/tpmrm0, device:/dev/tpm0)")
-        p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-        return p
-
-    p = verb("enroll", verb_enroll, "add a TPM-sealed key in a new keyslot beside the passphrase")
-    p.add_argument("device")
-    p.add_argument("--pcrs", type=_selection, default=PcrSelection.parse(DEFAULT_PCRS),
-                   help=f"PCR bank and indexes to seal to (default {DEFAULT_PCRS})")
-    p.add_argument("--store", default="token", help="token (default), nv[=INDEX] or file=DIR")
-    p.add_argument("--unlock-key-file", metavar="FILE", help="existing passphrase/key file ('-' for stdin)")
-
-    p = verb("unlock", verb_unlock, "unseal the key and open the disk; else ask for the passphrase. Without "
-             "DEVICE (at boot): every device named by rd.luks.uuid=/rd.luks.name=/cryptdevice=, else in "
-             "/etc/crypttab, else every LUKS2 device with a tpm2-unlocker token")
-    p.add_argument("device", nargs="?")
-    p.add_argument("name", nargs="?", help="mapping name (default luks-UUID)")
-    p.add_argument("--test", action="store_true", help="only prove the key opens its keyslot; map nothing")
-    p.add_argument("--tries", type=int, default=DEFAULT_TRIES,
-                   help=f"passphrase attempts after a TPM failure (default {DEFAULT_TRIES}; "
-                   "0: TPM only, leave the device closed for systemd-cryptsetup)")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                   help=f"seconds to wait for boot devices (default {DEFAULT_TIMEOUT})")
-    p.add_argument("--no-tpm", action="store_true", help="ask for the passphrase without trying the TPM "
-                   "(a first run with --tries 0 tried it and said why it failed)")
-
-    p = verb("reseal", verb_reseal, "seal the key to the current PCR values (after an update)")
-    p.add_argument("device")
-    p.add_argument("--pcrs", type=_selection, help="new PCR selection (default: keep the enrolled one)")
-    p.add_argument("--unlock-key-file", metavar="FILE", help="passphrase/key file, if the old key fails")
-
-    p = verb("status", verb_status, "TPM facts and whether each enrolment's policy holds now")
-    p.add_argument("device", nargs="?")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-
-    p = verb("remove", verb_remove, "remove our keyslot, token and NV index (never the last other keyslot)")
-    p.add_argument("device")
-    p.add_argument("--unlock-key-file", metavar="FILE", help="passphrase/key file of a keyslot that stays")
-
-    p = verb("adopt", verb_adopt, "take over an object or NV index sealed with tpm2-tools (ArchWiki recipe)")
-    p.add_argument("device")
-    p.add_argument("--blob", nargs=2, metavar=("PUB", "PRIV"), help="tpm2_create --public/--private files")
-    p.add_argument("--nv", metavar="INDEX", help="NV index defined with tpm2_nvdefine (e.g. 0x1500016)")
-    p.add_argument("--pcrs", type=_selection, help="the PCRs it was sealed to, e.g. sha256:0,2,3,7")
-
-    help = ("lay the program out unpacked in DIR, for an initramfs (the hooks run it at image build: "
-            "no copy-out to /run and second start at every boot)")
-    p = verbs.add_parser("unpack", help=help, description=help)
-    p.set_defaults(func=verb_unpack)
-    p.add_argument("dir", metavar="DIR", help="an empty or new directory")
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    for verb in options.VERBS:
+        p = verbs.add_parser(verb.name, help=verb.help, description=verb.help)
+        p.set_defaults(func=VERB_FUNCTIONS[verb.name])
+        for arg in verb.args:
+            kwargs: dict[str, Any] = {"help": argparse.SUPPRESS if arg.hidden else (arg.help or None)}
+            if arg.flag:
+                kwargs["action"] = "store_true"
+            else:
+                if arg.convert is not None:  # its UsageError passes through argparse with our message
+                    kwargs["type"] = arg.convert
+                # an argument with a kernel parameter stays None here: options.kernel_defaults decides
+                if not arg.positional or arg.nargs == "?":
+                    kwargs["default"] = None if arg.kernel_param else arg.default
+                if arg.nargs is not None:
+                    kwargs["nargs"] = arg.nargs
+                if arg.metavar is not None:
+                    kwargs["metavar"] = arg.metavar
+            p.add_argument(arg.name, **kwargs)
     return parser
 
 
-# The options of `unlock` the boot passes (`_boot_unlock`): value options and their types, flags.
-_BOOT_VALUES: dict[str, Callable[[str], object]] = {"--tries": int, "--timeout": float, "--tcti": str}
-_BOOT_FLAGS = ("--no-tpm", "--debug")
-
-
 def _boot_unlock(args: list[str]) -> SimpleNamespace | None:
-    """`unlock` without DEVICE and with only the options in _BOOT_VALUES/_BOOT_FLAGS: the same
-    namespace argparse would make. None for anything else (argparse then parses it or says why not):
-    another verb or option, a DEVICE, a value that starts with '-' or that int()/float() refuse."""
+    """`unlock` without DEVICE and with only the table's `boot` options: the namespace argparse
+    would make. None for anything else (argparse then parses it or says why not): another verb or
+    option, a DEVICE, a value that starts with '-'. A value the option's converter refuses raises
+    its UsageError, as argparse would let it through."""
     if args[:1] != ["unlock"]:
         return None
-    opts: dict[str, object] = {"verb": "unlock", "func": verb_unlock, "device": None, "name": None, "test": False,
-                               "tries": DEFAULT_TRIES, "timeout": DEFAULT_TIMEOUT, "no_tpm": False, "tcti": None,
-                               "debug": False}
+    verb = options.verb("unlock")
+    opts: dict[str, object] = {"verb": "unlock", "func": VERB_FUNCTIONS["unlock"]}
+    for arg in verb.args:
+        opts[arg.dest] = False if arg.flag else (None if arg.kernel_param else arg.default)
+    boot = {arg.name: arg for arg in verb.args if arg.boot}
     rest = args[1:]
     while rest:
         option, equals, value = rest.pop(0).partition("=")
-        if option in _BOOT_FLAGS and not equals:
-            opts[option[2:].replace("-", "_")] = True
-        elif option in _BOOT_VALUES:
-            if not equals:
-                if not rest:
-                    return None
-                value = rest.pop(0)
-            if value.startswith("-"):
-                return None
-            try:
-                opts[option[2:]] = _BOOT_VALUES[option](value)
-            except ValueError:
-                return None
-        else:
+        given = boot.get(option)
+        if given is None:
             return None
+        if given.flag:
+            if equals:
+                return None
+            opts[given.dest] = True
+            continue
+        if not equals:
+            if not rest:
+                return None
+            value = rest.pop(0)
+        if value.startswith("-"):
+            return None
+        opts[given.dest] = given.convert(value) if given.convert is not None else value
     return SimpleNamespace(**opts)
 
 
-def parse_args(args: list[str]) -> argparse.Namespace | SimpleNamespace:
-    """The boot's command line directly, any other through argparse (which imports it)."""
-    boot = _boot_unlock(args)
-    return boot if boot is not None else build_parser().parse_args(args)
+def parse_args(args: list[str], kernel_words: list[str] | None = None) -> argparse.Namespace | SimpleNamespace:
+    """The boot's command line directly, any other through argparse (which imports it); then the
+    kernel command line's values (in the initrd) for what was not given."""
+    fast = _boot_unlock(args)
+    opts: argparse.Namespace | SimpleNamespace = fast if fast is not None else build_parser().parse_args(args)
+    if opts.verb is not None:
+        if kernel_words is None:
+            kernel_words = initrd.kernel_words() if initrd.in_initrd() else []
+        options.kernel_defaults(vars(opts), options.verb(opts.verb), kernel_words, say)
+    return opts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -230,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         opts = parse_args(args)
         if opts.verb is None:
-            raise UsageError("no verb given (enroll, unlock, reseal, status, remove, adopt, unpack; see --help)")
+            raise UsageError(f"no verb given ({', '.join(v.name for v in options.VERBS)}; see --help)")
         return int(opts.func(opts))
     except UnlockerError as exc:
         if debug:
@@ -245,13 +215,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("interrupted")
         return 130
-    except Exception as exc:  # a bug: one line unless --debug
+    except BrokenPipeError:
+        # our reader went away (`status --json | head`): nothing left to say to it
+        return EXIT_OK
+    except Exception as exc:  # a bug: one line unless --debug, and a code of its own
         if debug:
             import traceback
 
             traceback.print_exc()
         say(f"internal error: {type(exc).__name__}: {exc} (run with --debug for details)")
-        return EXIT_USAGE
+        return EXIT_INTERNAL
 
 
 def entry() -> NoReturn:

@@ -1,4 +1,4 @@
-"""Exception types. Each carries the one line a user sees and the exit code of DESIGN.md.
+"""Exception types. Each carries the one line a user sees and its exit code (README, Exit codes).
 
 cli.py is the one place that turns these into a message on stderr and an exit code.
 """
@@ -14,6 +14,8 @@ EXIT_CORRUPT = 5
 EXIT_WRONG_PASSPHRASE = 6
 EXIT_CRYPTSETUP = 7
 EXIT_NO_DEVICE = 8
+# a bug of ours (an exception no code path expected): never success, never a user's mistake
+EXIT_INTERNAL = 9
 
 
 class UnlockerError(Exception):

@@ -6,9 +6,10 @@ step, stamped with the system uptime so it lines up with the kernel's and system
 
 from __future__ import annotations
 
-import os
 import sys
 import time
+
+from unlocker import initrd
 
 PREFIX = "tpm2-unlocker: "
 # no `logging`: with the traceback module it pulls in, it cost more at start-up than this whole file
@@ -24,15 +25,9 @@ def hint(message: str) -> None:
     print(PREFIX + "hint: " + message, file=sys.stderr, flush=True)
 
 
-def debug_on_cmdline(marker: str = "/etc/initrd-release") -> bool:
+def debug_on_cmdline(marker: str = initrd.MARKER) -> bool:
     """`tpm2_unlocker.debug` on the kernel command line turns on --debug, in the initrd only."""
-    if not os.path.exists(marker):
-        return False
-    try:
-        with open("/proc/cmdline") as f:
-            return "tpm2_unlocker.debug" in f.read().split()
-    except OSError:
-        return False
+    return initrd.in_initrd(marker) and "tpm2_unlocker.debug" in initrd.kernel_words()
 
 
 def set_debug(debug: bool) -> None:

@@ -31,9 +31,14 @@ install() {
     ln_r /usr/lib/tpm2-unlocker/tpm2-unlocker /usr/bin/tpm2-unlocker
     # systemd initrds carry systemd-cryptsetup only; we open devices with cryptsetup itself
     inst_multiple cryptsetup
-    # what the program's libraries link from the system
-    inst_libdir_file "libz.so.1*" "libm.so.6" "libresolv.so.2" "libdl.so.2" "libpthread.so.0" \
-        "librt.so.1" "libutil.so.1"
+    # what the program takes from the system (the one list, shared with the mkinitcpio hook)
+    local libs
+    if ! libs=$("$TPM2_UNLOCKER_BINARY" unpack --libraries); then
+        derror "tpm2-unlocker: $TPM2_UNLOCKER_BINARY could not list its libraries"
+        return 1
+    fi
+    # shellcheck disable=SC2086
+    inst_libdir_file $libs
     if dracut_module_included "systemd"; then
         inst_simple "$moddir/tpm2-unlocker.service" "$systemdsystemunitdir/tpm2-unlocker.service"
         mkdir -p "$initdir$systemdsystemunitdir/sysinit.target.wants"

@@ -4,4 +4,4 @@
 # asks for the passphrase itself.
 [ -e /tmp/tpm2-unlocker.done ] && exit 0
 : > /tmp/tpm2-unlocker.done
-/usr/bin/tpm2-unlocker unlock --tries 0 --timeout 15 || :
+/usr/bin/tpm2-unlocker unlock --tries 0 || :

@@ -19,10 +19,14 @@ from helpers import run_cli
     (["enroll", "/nonexistent/disk", "--store", "cloud"], 1, b"unknown store 'cloud'"),
     (["enroll", "/nonexistent/disk"], 8, b"no such device"),
     (["unlock", "/nonexistent/disk"], 8, b"no such device"),
-    (["unlock", "/dev/null", "--tries", "-1"], 1, b"--tries must be 0 or more"),
+    (["unlock", "/dev/null", "--tries", "-1"], 1, b"--tries takes a whole number of 0 or more, not '-1'"),
+    (["unlock", "--tries", "x"], 1, b"--tries takes a whole number of 0 or more, not 'x'"),
+    (["unlock", "--timeout", "inf"], 1, b"--timeout takes a finite number of seconds, 0 or more, not 'inf'"),
+    (["unlock", "--timeout=nan"], 1, b"--timeout takes a finite number of seconds, 0 or more, not 'nan'"),
+    (["unlock", "/dev/null", "--timeout", "-3"], 1, b"--timeout takes a finite number of seconds"),
     (["adopt", "/dev/null", "--pcrs", "sha256:7"], 1, b"one of --blob PUB PRIV or --nv INDEX"),
     (["adopt", "/dev/null", "--nv", "0x1500016"], 1, b"adopt needs --pcrs"),
-    (["unpack"], 1, b"the following arguments are required: DIR"),
+    (["unpack"], 1, b"unpack needs DIR (or --libraries)"),
 ])
 def test_bad_command_lines(args: list[str], code: int, message: bytes) -> None:
     done = run_cli(*args)
@@ -67,7 +71,7 @@ BOOT_LINES = [
     ["unlock", "--tries", "3", "--timeout", "15", "--no-tpm"],
     ["unlock", "--tries=0", "--timeout=2.5", "--tcti", "swtpm:port=2321", "--debug"],
     ["unlock", "--no-tpm", "--tries", "1", "--tries", "2"],
-    ["unlock", "--tcti=", "--timeout", "inf"],
+    ["unlock", "--tcti=", "--timeout", "1e1"],
 ]
 
 
@@ -82,7 +86,7 @@ def test_boot_command_line_parses_as_argparse_would(args: list[str]) -> None:
 
 @pytest.mark.parametrize("args", [
     [], ["status"], ["--debug", "unlock"], ["unlock", "/dev/vda"], ["unlock", "--test"], ["unlock", "--tries"],
-    ["unlock", "--tries", "x"], ["unlock", "--tries", "-1"], ["unlock", "--timeout", "--no-tpm"],
+    ["unlock", "--tries", "-1"], ["unlock", "--timeout", "--no-tpm"],
     ["unlock", "--no-tpm=1"], ["unlock", "--tri", "0"], ["unlock", "--", "/dev/vda"],
 ])
 def test_other_command_lines_go_to_argparse(args: list[str]) -> None:
@@ -138,3 +142,74 @@ def test_the_dracut_hooks_command_lines_take_the_fast_path() -> None:
     assert len(lines) == 2
     for args in lines:
         assert cli._boot_unlock(args) is not None, args
+
+
+@pytest.mark.parametrize("args", [["unlock", "--tries", "x"], ["unlock", "--timeout=inf"], ["unlock", "--timeout", "nan"]])
+def test_a_bad_boot_value_is_the_same_usage_error_in_both_parsers(args: list[str]) -> None:
+    from unlocker import cli
+    from unlocker.errors import UsageError
+
+    with pytest.raises(UsageError) as fast:
+        cli._boot_unlock(args)
+    with pytest.raises(UsageError) as slow:
+        cli.build_parser().parse_args(args)
+    assert fast.value.message == slow.value.message
+
+
+@pytest.mark.parametrize(("args", "words", "tries", "timeout"), [
+    (["unlock"], [], 3, 30.0),
+    (["unlock"], ["quiet", "tpm2_unlocker.tries=5", "tpm2_unlocker.timeout=7.5"], 5, 7.5),
+    (["unlock", "--tries", "0"], ["tpm2_unlocker.tries=5"], 0, 30.0),  # the command line wins
+    (["unlock", "--timeout", "2"], ["tpm2_unlocker.timeout=9"], 3, 2.0),
+    (["unlock", "--no-tpm"], ["tpm2_unlocker.tries=1", "tpm2_unlocker.tries=2"], 2, 30.0),  # the last one counts
+    (["unlock", "/dev/vda", "--test"], ["tpm2_unlocker.tries=4"], 4, 30.0),  # argparse's lines too
+])
+def test_kernel_parameters_replace_the_tables_defaults(args: list[str], words: list[str], tries: int,
+                                                       timeout: float) -> None:
+    from unlocker import cli
+
+    opts = cli.parse_args(args, kernel_words=words)
+    assert (opts.tries, opts.timeout) == (tries, timeout)
+
+
+@pytest.mark.parametrize(("word", "said"), [
+    ("tpm2_unlocker.tries=lots", "ignoring tpm2_unlocker.tries=lots (--tries takes a whole number of 0 or more, "
+                                 "not 'lots'); using 3"),
+    ("tpm2_unlocker.timeout=inf", "ignoring tpm2_unlocker.timeout=inf (--timeout takes a finite number of seconds, "
+                                  "0 or more, not 'inf'); using 30.0"),
+])
+def test_a_bad_kernel_parameter_is_said_once_and_the_default_stands(
+        word: str, said: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from unlocker import cli
+
+    opts = cli.parse_args(["unlock"], kernel_words=[word])
+    assert (opts.tries, opts.timeout) == (3, 30.0)
+    assert capsys.readouterr().err == f"tpm2-unlocker: {said}\n"
+
+
+def test_a_bug_has_an_exit_code_of_its_own(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """An exception no code path expected: one line, exit 9 (never 1, a usage error, nor success)."""
+    from unlocker import cli
+    from unlocker.errors import EXIT_INTERNAL, EXIT_USAGE
+
+    def broken(opts: object) -> int:
+        raise KeyError("a bug")
+
+    monkeypatch.setitem(cli.VERB_FUNCTIONS, "status", broken)
+    assert cli.main(["status"]) == EXIT_INTERNAL != EXIT_USAGE
+    assert capsys.readouterr().err == "tpm2-unlocker: internal error: KeyError: 'a bug' (run with --debug for details)\n"
+
+
+def test_status_json_into_a_closed_pipe_exits_quietly() -> None:
+    """`status --json | true`: the reader is gone before we write; no "internal error", exit 0."""
+    command = " ".join([*unlocker_command_text(), "status", "--json", "--tcti", "none-such:x"])
+    done = subprocess.run(["bash", "-c", f"(sleep 0.2; {command}; echo rc=$? >&2) | true"],
+                          capture_output=True, text=True, timeout=60)
+    assert "internal error" not in done.stderr and "Traceback" not in done.stderr
+    assert "rc=0" in done.stderr
+
+
+def unlocker_command_text() -> list[str]:
+    from helpers import unlocker_command
+
+    return [f"'{part}'" for part in unlocker_command()]

@@ -4,6 +4,7 @@ and the dracut module's shape. Both are booted for real in tests/vm."""
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +24,10 @@ def run_install(tmp_path: Path, func: str, unpack_rc: int = 0) -> tuple[subproce
     that records its arguments (the real `unpack` is tested on the frozen binary, tests/vm)."""
     log = tmp_path / "calls.log"
     binary = tmp_path / "tpm2-unlocker"
-    binary.write_text(f'#!/bin/sh\necho "binary $*" >> "$LOG"\nexit {unpack_rc}\n')
+    libraries = subprocess.run([sys.executable, "-m", "unlocker.cli", "unpack", "--libraries"],
+                               capture_output=True, text=True, check=True).stdout
+    binary.write_text(f'#!/bin/sh\necho "binary $*" >> "$LOG"\n'
+                      f'[ "$*" = "unpack --libraries" ] && {{ printf %s "{libraries}"; exit 0; }}\nexit {unpack_rc}\n')
     binary.chmod(0o755)
     script = f"{STUBS}\nerror() {{ echo \"ERROR: $*\"; }}\n. '{INSTALL}'\n{func}\n"
     done = subprocess.run(["bash", "-uc", script], capture_output=True, text=True,
@@ -104,7 +108,7 @@ def run_runtime_hook(tmp_path: Path, rc_first: int, rc_second: int = 0) -> tuple
 
 def test_runtime_hook_tpm_success_in_the_background_needs_no_second_run(tmp_path: Path) -> None:
     out, calls = run_runtime_hook(tmp_path, rc_first=0)
-    assert calls == ["unlock --tries 0 --timeout 30"]
+    assert calls == ["unlock --tries 0"]
     assert "ERROR" not in out
 
 
@@ -120,13 +124,13 @@ def test_runtime_hook_starts_no_reader_of_the_random_pool(tmp_path: Path) -> Non
 
 def test_runtime_hook_asks_in_the_foreground_after_a_tpm_failure(tmp_path: Path) -> None:
     out, calls = run_runtime_hook(tmp_path, rc_first=3, rc_second=0)
-    assert calls == ["unlock --tries 0 --timeout 30", "unlock --tries 3 --timeout 30 --no-tpm"]
+    assert calls == ["unlock --tries 0", "unlock --no-tpm"]
     assert "ERROR" not in out
 
 
 def test_runtime_hook_tries_the_tpm_again_for_a_device_that_came_late(tmp_path: Path) -> None:
     out, calls = run_runtime_hook(tmp_path, rc_first=8, rc_second=0)  # 8: device not found in time
-    assert calls == ["unlock --tries 0 --timeout 30", "unlock --tries 3 --timeout 30"]
+    assert calls == ["unlock --tries 0", "unlock"]
     assert "ERROR" not in out
 
 
@@ -149,3 +153,38 @@ def test_dracut_module_setup_is_valid_bash_with_the_dracut_functions() -> None:
     text = setup.read_text()
     for func in ("check()", "depends()", "installkernel()", "install()"):
         assert func in text
+
+
+def test_both_hooks_install_the_one_library_list(tmp_path: Path) -> None:
+    """mkinitcpio's build() adds every library `unpack --libraries` names, and the dracut module
+    asks the binary for the same list (no list of its own)."""
+    from unlocker.commands.unpack import SYSTEM_LIBRARIES
+
+    done, calls = run_install(tmp_path, "build")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "binary unpack --libraries" in calls
+    for lib in SYSTEM_LIBRARIES:
+        assert any(c.startswith("add_binary /usr/lib") and c.endswith("/" + lib) for c in calls), lib
+    setup = (REPO / "dracut" / "90tpm2-unlocker" / "module-setup.sh").read_text()
+    assert '"$TPM2_UNLOCKER_BINARY" unpack --libraries' in setup
+    assert not any(lib in setup for lib in SYSTEM_LIBRARIES)
+
+
+def test_no_hook_repeats_a_default_of_the_option_table() -> None:
+    """The hooks, the unit and the initqueue job pass only `--tries 0` (systemd-cryptsetup or the
+    second run asks), never a --timeout or --tries N of their own: the defaults live in options.py."""
+    texts = [(REPO / "mkinitcpio" / "hooks" / "tpm2-unlocker").read_text()]
+    texts += [(REPO / "dracut" / "90tpm2-unlocker" / name).read_text()
+              for name in ("tpm2-unlocker.service", "tpm2-unlocker-initqueue.sh")]
+    for text in texts:
+        assert "--timeout" not in text
+        for line in text.splitlines():
+            if " unlock" in line and "--tries" in line:
+                assert "--tries 0" in line, line
+
+
+def test_the_unit_counts_a_usage_error_or_a_bug_as_failure() -> None:
+    unit = (REPO / "dracut" / "90tpm2-unlocker" / "tpm2-unlocker.service").read_text()
+    [line] = [line for line in unit.splitlines() if line.startswith("SuccessExitStatus=")]
+    codes = set(line.split("=", 1)[1].split())
+    assert codes == {"2", "3", "4", "5", "6", "7", "8"}  # TPM refusals: systemd-cryptsetup asks next

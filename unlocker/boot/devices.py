@@ -7,6 +7,7 @@ import os
 import struct
 import time
 
+from unlocker import initrd
 from unlocker.lean.jsonload import loads
 from unlocker.lean.record import record
 from unlocker.token import TOKEN_TYPE
@@ -163,13 +164,8 @@ def wait_for(source: str, timeout: float) -> Found | None:
         time.sleep(0.05)
 
 
-def boot_targets(cmdline_path: str = "/proc/cmdline", crypttab: str = "/etc/crypttab") -> list[Target]:
-    try:
-        with open(cmdline_path) as f:
-            cmdline = f.read()
-    except OSError:
-        cmdline = ""
-    named = from_cmdline(cmdline)
+def boot_targets(cmdline_path: str = initrd.CMDLINE, crypttab: str = "/etc/crypttab") -> list[Target]:
+    named = from_cmdline(" ".join(initrd.kernel_words(cmdline_path)))
     if named is not None:
         return named
     return from_crypttab(crypttab) or scan()

@@ -9,19 +9,16 @@ from __future__ import annotations
 import os
 import termios
 
+from unlocker import initrd
 from unlocker.lean.run import run, which
 from unlocker.secret import Secret
 
 MAX_PASSPHRASE = 512  # cryptsetup's interactive limit
 
 
-def in_initrd() -> bool:
-    return os.path.exists("/etc/initrd-release")
-
-
 def _open_terminal() -> int | None:
     """The controlling terminal; in an initramfs with none, the console."""
-    paths = ["/dev/tty"] + (["/dev/console"] if in_initrd() else [])
+    paths = ["/dev/tty"] + (["/dev/console"] if initrd.in_initrd() else [])
     for path in paths:
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOCTTY)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import _socket
 import os
 
-from unlocker import TYPE_CHECKING
+from unlocker import TYPE_CHECKING, initrd
 from unlocker.boot import entropy
 from unlocker.lean.threads import Background, Signal
 from unlocker.log import debug_on_cmdline, set_debug, trace
@@ -135,8 +135,8 @@ def start(cipher: str = DEFAULT_CIPHER) -> list[Background]:
     return _started
 
 
-def start_early(argv: Sequence[str], marker: str = "/etc/initrd-release") -> None:
+def start_early(argv: Sequence[str], marker: str = initrd.MARKER) -> None:
     """Start the warm-up for an `unlock` in the initrd, before the rest of the program is imported."""
-    if argv[:1] == ["unlock"] and os.path.exists(marker):
+    if argv[:1] == ["unlock"] and initrd.in_initrd(marker):
         set_debug(debug_on_cmdline(marker))  # the warm-up's own lines, when they are asked for
         start()

@@ -1,13 +1,13 @@
 """`tpm2-unlocker unpack DIR`: lay the program out unpacked, for the initramfs generators' hooks.
 
-The one-file binary copies the ~11 MB of libraries it carries out to /run and starts itself a
-second time, at every start. At boot that is time on the path to the unlocked disk (`--version`:
-30 ms unpacked against 45 ms one-file on the host; in the TCG guest's boots, 6 each, interleaved:
-the busybox window 1.55 -> 1.49 s, dracut's 0.48 -> 0.42 s). So the mkinitcpio and dracut hooks run
-this at image-build time instead, and the image
-carries DIR/tpm2-unlocker (PyInstaller's bootloader in its one-folder mode, with the same Python
-code and options, built beside the one file and carried inside it) and DIR/_internal (the libraries
-the one file carries). The distributable stays the one file.
+The one-file binary copies the libraries it carries out to /run and starts itself a second time,
+at every start: at boot that is time on the path to the unlocked disk (docs/performance.md). So
+the mkinitcpio and dracut hooks run this at image-build time instead, and the image carries
+DIR/tpm2-unlocker (PyInstaller's bootloader in its one-folder mode, with the same Python code and
+options, built beside the one file and carried inside it) and DIR/_internal (the libraries the one
+file carries). The distributable stays the one file.
+
+`unpack --libraries` lists what the unpacked program takes from the system, for both hooks.
 """
 
 from __future__ import annotations
@@ -26,6 +26,15 @@ from unlocker.lean.run import run
 LAUNCHER = "tpm2-unlocker-launcher"  # in the one file's bundle: the one-folder bootloader + our code
 CONTENTS = "_internal"  # where the one-folder bootloader looks for its libraries (PyInstaller's default)
 PROGRAM = "tpm2-unlocker"
+# Left out of the bundle, loaded from the system: every image with cryptsetup has them (libcryptsetup
+# links both), and a one-file binary copies each bundled byte out at every start (freeze/build.py).
+LEFT_OUT_OF_BUNDLE = ("libcrypto.so.3", "libz.so.1")
+# What an image must carry for the unpacked program: the above; what PyInstaller's bootloader and
+# libpython link; and, as mkinitcpio's `encrypt` adds them for cryptsetup, libgcc_s (its
+# pthread_cancel dlopen()s it) and OpenSSL's legacy provider (whirlpool hashes). Paths are relative
+# to the system's library directory.
+SYSTEM_LIBRARIES = (*LEFT_OUT_OF_BUNDLE, "libm.so.6", "libresolv.so.2", "libdl.so.2", "libpthread.so.0",
+                    "librt.so.1", "libutil.so.1", "libgcc_s.so.1", "ossl-modules/legacy.so")
 
 
 def bundle_home() -> Path:
