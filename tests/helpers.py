@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from vm.guest import PASSPHRASE  # noqa: E402,F401  (one test passphrase for host and guest)
@@ -70,13 +68,6 @@ def write_key_file(directory: Path, data: bytes = PASSPHRASE) -> Path:
     path.write_bytes(data)
     return path
 
-
-def scratch_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="tpm2-unlocker-test-"))
-
-
-def have(program: str) -> bool:
-    return shutil.which(program) is not None
 
 # tpm2-tools' attributes for our SRK: its default ECC primary plus noda.
 from vm.swtpm import SRK_ATTRS  # noqa: E402
@@ -148,7 +139,12 @@ def unlock_with_prompt(disk: Path, tcti: str, reason: str, answer: bytes | None)
     return child.exitstatus
 
 
-def enroll_or_fail(disk: Path, key_file: Path, tpm: Swtpm, *extra: str) -> None:
-    """`enroll DISK --unlock-key-file KEY_FILE ...` that must succeed."""
-    done = run_cli("enroll", str(disk), "--unlock-key-file", str(key_file), *extra, tpm=tpm)
-    assert done.returncode == 0, done.stderr.decode()
+def enroll_or_fail(disk: Path, key_file: Path, tpm: Swtpm, *extra: str, env: dict[str, str] | None = None,
+                   status: int = 0) -> subprocess.CompletedProcess:
+    """`enroll DISK --unlock-key-file KEY_FILE EXTRA...` as users run it (`env` added to the CLI's
+    environment). The test fails unless it exits with `status`; a success must name the keyslot."""
+    done = run_cli("enroll", str(disk), "--unlock-key-file", str(key_file), *extra, tpm=tpm, env=env)
+    assert done.returncode == status, done.stderr.decode()
+    if status == 0:
+        assert f"{disk}: enrolled keyslot ".encode() in done.stderr, done.stderr.decode()
+    return done

@@ -9,20 +9,16 @@ from pathlib import Path
 
 import pytest
 from helpers import PASSPHRASE, Swtpm, luks_json, opens, our_tokens, run_cli, tpm2_tools_unseal
+from helpers import enroll_or_fail as enroll
 
 pytestmark = pytest.mark.tpm
-
-
-def enroll(disk: Path, key_file: Path, tpm: Swtpm, *extra: str) -> None:
-    done = run_cli("enroll", str(disk), "--unlock-key-file", str(key_file), *extra, tpm=tpm)
-    assert done.returncode == 0, done.stderr.decode()
-    assert b"enrolled keyslot 1" in done.stderr
 
 
 @pytest.mark.parametrize("store", ["token", "nv", "file"])
 def test_enroll_then_unlock_with_no_prompt(store: str, disk: Path, key_file: Path, tpm: Swtpm, tmp_path: Path) -> None:
     spec = {"token": "token", "nv": "nv", "file": f"file={tmp_path / 'blob'}"}[store]
-    enroll(disk, key_file, tpm, "--store", spec)
+    done = enroll(disk, key_file, tpm, "--store", spec)
+    assert f"{disk}: enrolled keyslot 1 sealed to sha256:0,2,4,7".encode() in done.stderr
     tokens = our_tokens(disk)
     assert len(tokens) == 1
     token = next(iter(tokens.values()))
@@ -52,8 +48,7 @@ def test_file_store_blob_is_read_by_tpm2_tools(disk: Path, key_file: Path, tpm: 
 
 def test_enroll_twice_is_refused(disk: Path, key_file: Path, tpm: Swtpm) -> None:
     enroll(disk, key_file, tpm)
-    done = run_cli("enroll", str(disk), "--unlock-key-file", str(key_file), tpm=tpm)
-    assert done.returncode == 1
+    done = enroll(disk, key_file, tpm, status=1)
     assert b"already enrolled" in done.stderr
     assert len(our_tokens(disk)) == 1
 
@@ -62,8 +57,7 @@ def test_enroll_with_wrong_key_file_changes_nothing(disk: Path, tpm: Swtpm, tmp_
     wrong = tmp_path / "wrong.key"
     wrong.write_bytes(b"not the passphrase")
     before = luks_json(disk)
-    done = run_cli("enroll", str(disk), "--unlock-key-file", str(wrong), tpm=tpm)
-    assert done.returncode == 6
+    done = enroll(disk, wrong, tpm, status=6)
     assert b"does not open any keyslot" in done.stderr
     assert luks_json(disk) == before
 
@@ -98,7 +92,7 @@ def test_boot_reads_the_tokens_from_the_header_itself(disk: Path, key_file: Path
     """At boot the tokens come from our own header reader, not `cryptsetup luksDump`: the same
     metadata, and it unlocks (in-process, so the metadata handed over is the one used)."""
     from unlocker.boot.devices import read_luks_header
-    from unlocker.boot.unlock import UnlockOptions, unlock
+    from unlocker.boot.unlock import UnlockRequest, unlock
 
     enroll(disk, key_file, tpm)
     header = read_luks_header(str(disk))
@@ -108,7 +102,7 @@ def test_boot_reads_the_tokens_from_the_header_itself(disk: Path, key_file: Path
     assert uuid == luks_uuid.stdout.decode().strip()
     assert meta["tokens"] == luks_json(disk)["tokens"]
     assert meta["keyslots"] == luks_json(disk)["keyslots"]
-    unlock(UnlockOptions(str(disk), "unused", test=True, tries=0, tcti=tpm.tcti, metadata=meta))
+    unlock(UnlockRequest(str(disk), "unused", test=True, tries=0, tcti=tpm.tcti), metadata=meta)
 
 
 def test_one_tpm_connection_serves_every_device_at_boot(disk: Path, key_file: Path, tpm: Swtpm,
@@ -116,7 +110,8 @@ def test_one_tpm_connection_serves_every_device_at_boot(disk: Path, key_file: Pa
     """At boot the TPM is opened once, before the disks appear, and every device unseals through it."""
     from helpers import make_luks_image
 
-    from unlocker.boot.unlock import TpmConnection, UnlockOptions, unlock
+    from unlocker.boot.connection import TpmConnection
+    from unlocker.boot.unlock import BootContext, UnlockRequest, unlock
 
     second = make_luks_image(tmp_path / "second.img")
     enroll(disk, key_file, tpm)
@@ -126,7 +121,7 @@ def test_one_tpm_connection_serves_every_device_at_boot(disk: Path, key_file: Pa
     opened = connection.get()
     try:
         for image in (disk, second):
-            unlock(UnlockOptions(str(image), "unused", test=True, tries=0, tcti=None, tpm=connection))
+            unlock(UnlockRequest(str(image), "unused", test=True, tries=0), BootContext(tpm=connection))
         assert connection.get() is opened  # still the one connection, not closed by a device
     finally:
         connection.close()
@@ -136,7 +131,8 @@ def test_the_boot_connection_has_the_policy_session_ready_before_the_disk(disk: 
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """connect() (before the disk appears) starts the salted policy session; the unseal takes it
     instead of starting one, and nothing is left loaded in the TPM afterwards."""
-    from unlocker.boot.unlock import TpmConnection, UnlockOptions, unlock
+    from unlocker.boot.connection import TpmConnection
+    from unlocker.boot.unlock import BootContext, UnlockRequest, unlock
     from unlocker.tpm.client import Tpm
 
     loaded_sessions = 0x02000000  # TPM_HT_LOADED_SESSION << 24: sessions held in the TPM
@@ -154,10 +150,10 @@ def test_the_boot_connection_has_the_policy_session_ready_before_the_disk(disk: 
 
     monkeypatch.setattr(Tpm, "_start_session", counting_start)
     try:
-        unlock(UnlockOptions(str(disk), "unused", test=True, tries=0, tcti=None, tpm=connection))
+        unlock(UnlockRequest(str(disk), "unused", test=True, tries=0), BootContext(tpm=connection))
         assert started == [], "the unseal started a session of its own"
         assert opened._handles(loaded_sessions, 8)[0] == []
-        unlock(UnlockOptions(str(disk), "unused", test=True, tries=0, tcti=None, tpm=connection))
+        unlock(UnlockRequest(str(disk), "unused", test=True, tries=0), BootContext(tpm=connection))
         assert len(started) == 1, "a second device starts its own session"
     finally:
         connection.close()
@@ -168,19 +164,19 @@ def test_boot_waits_for_what_cryptsetup_open_needs_after_the_unseal(disk: Path, 
     """`before_open` (at boot: the warm-up's modprobe of dm-crypt) runs once the key is unsealed
     and before cryptsetup opens; never for a key test. This host has no device-mapper, so the real
     `cryptsetup open` that follows fails, which shows it ran after the wait."""
-    from unlocker.boot.unlock import UnlockOptions, unlock
+    from unlocker.boot.unlock import BootContext, UnlockRequest, unlock
     from unlocker.errors import CryptsetupError
 
     enroll(disk, key_file, tpm)
     waited: list[str] = []
     with pytest.raises(CryptsetupError):
-        unlock(UnlockOptions(str(disk), "tpm2u-test", test=False, tries=0, tcti=tpm.tcti,
-                             before_open=lambda: waited.append("dm-crypt")))
+        unlock(UnlockRequest(str(disk), "tpm2u-test", tries=0, tcti=tpm.tcti),
+               BootContext(before_open=lambda: waited.append("dm-crypt")))
     err = capfd.readouterr().err
     assert waited == ["dm-crypt"]
     assert f"tpm2-unlocker: {disk}: TPM unlock failed: {disk}: cryptsetup open failed" in err
-    unlock(UnlockOptions(str(disk), "unused", test=True, tries=0, tcti=tpm.tcti,
-                         before_open=lambda: waited.append("again")))
+    unlock(UnlockRequest(str(disk), "unused", test=True, tries=0, tcti=tpm.tcti),
+           BootContext(before_open=lambda: waited.append("again")))
     assert waited == ["dm-crypt"], "a key test opens nothing: nothing to wait for"
 
 
@@ -189,7 +185,8 @@ def test_an_unreachable_tpm_fails_each_device_with_its_reason(background: bool, 
                                                               tpm: Swtpm, capfd: pytest.CaptureFixture[str]) -> None:
     """At boot the connection is opened in a thread: its failure reaches each device all the same,
     as one line (no traceback from the thread)."""
-    from unlocker.boot.unlock import TpmConnection, UnlockOptions, unlock
+    from unlocker.boot.connection import TpmConnection
+    from unlocker.boot.unlock import BootContext, UnlockRequest, unlock
     from unlocker.errors import NoTpmError
 
     enroll(disk, key_file, tpm)
@@ -202,7 +199,7 @@ def test_an_unreachable_tpm_fails_each_device_with_its_reason(background: bool, 
         connection.connect()
     for _ in range(2):
         with pytest.raises(NoTpmError) as failed:
-            unlock(UnlockOptions(str(disk), "unused", test=True, tries=0, tcti=None, tpm=connection))
+            unlock(UnlockRequest(str(disk), "unused", test=True, tries=0), BootContext(tpm=connection))
         assert failed.value.message == f"{disk}: not unlocked"
         err = capfd.readouterr().err
         assert f"tpm2-unlocker: {disk}: TPM unlock failed: cannot reach the TPM at 'swtpm:host=127.0.0.1,port=1'" in err
@@ -243,12 +240,12 @@ def test_at_boot_cryptsetup_starts_before_the_unseal_and_gets_the_key_after_it(
         capfd: pytest.CaptureFixture[str]) -> None:
     """`cryptsetup open` execs and reads the header while the TPM unseals; the key then goes to it
     on stdin. (A key test here: this host has no device-mapper to map with.)"""
-    from unlocker.boot.unlock import UnlockOptions, unlock
+    from unlocker.boot.unlock import BootContext, UnlockRequest, unlock
 
     enroll(disk, key_file, tpm)
     events: list[str] = []
     pendings = _spy_on_started_opens(monkeypatch, events)
-    unlock(UnlockOptions(str(disk), None, test=True, tries=0, tcti=tpm.tcti, open_early=True))
+    unlock(UnlockRequest(str(disk), None, test=True, tries=0, tcti=tpm.tcti), BootContext(open_early=True))
     assert events == ["cryptsetup started", "unsealed", "key handed over"]
     assert pendings[0].slot == 1 and pendings[0].started.argv[:4] == ["cryptsetup", "open", "--key-slot", "1"]
     assert f"{disk}: unlocked with the TPM (test only)" in capfd.readouterr().err
@@ -260,7 +257,7 @@ def test_a_started_cryptsetup_is_killed_when_the_tpm_says_no(disk: Path, key_fil
     """The PCRs changed: the `cryptsetup open` waiting for a key gets none; it is killed while it
     waits (it has mapped nothing) and reaped, and the TPM's reason is the one line said."""
     from unlocker.boot import unlock as unlock_module
-    from unlocker.boot.unlock import UnlockOptions, unlock
+    from unlocker.boot.unlock import BootContext, UnlockRequest, unlock
     from unlocker.errors import PolicyError
 
     enroll(disk, key_file, tpm, "--pcrs", "sha256:7")
@@ -271,7 +268,7 @@ def test_a_started_cryptsetup_is_killed_when_the_tpm_says_no(disk: Path, key_fil
     events: list[str] = []
     pendings = _spy_on_started_opens(monkeypatch, events)
     with pytest.raises(PolicyError):
-        unlock(UnlockOptions(str(disk), "tpm2u-test", test=False, tries=0, tcti=tpm.tcti, open_early=True))
+        unlock(UnlockRequest(str(disk), "tpm2u-test", tries=0, tcti=tpm.tcti), BootContext(open_early=True))
     assert events == ["cryptsetup started"]
     assert pendings[0].started._child.returncode == -signal.SIGKILL
     assert f"{disk}: TPM unlock failed: PCR 7 changed since enrolment" in capfd.readouterr().err

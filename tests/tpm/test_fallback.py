@@ -20,7 +20,7 @@ from helpers import (
     unlock_with_prompt,
     unlocker_command,
 )
-from helpers import enroll_or_fail as enroll  # noqa: E402
+from helpers import enroll_or_fail as enroll
 
 pytestmark = pytest.mark.tpm
 

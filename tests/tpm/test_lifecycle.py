@@ -19,7 +19,7 @@ from helpers import (
     seal_the_archwiki_way,
     tpm2_tools_unseal,
 )
-from helpers import enroll_or_fail as enroll  # noqa: E402
+from helpers import enroll_or_fail as enroll
 
 pytestmark = pytest.mark.tpm
 

@@ -23,11 +23,9 @@ from helpers import (
     tpm2_tools_unseal,
     unlock_with_prompt,
 )
+from helpers import enroll_or_fail as enroll
 
 pytestmark = pytest.mark.tpm
-
-def enroll(disk: Path, key_file: Path, tpm: Swtpm, *extra: str, env: dict[str, str] | None = None):
-    return run_cli("enroll", str(disk), "--unlock-key-file", str(key_file), *extra, tpm=tpm, env=env)
 
 
 def adopt_da_protected_blob(disk: Path, tpm: Swtpm, work: Path) -> None:
@@ -66,7 +64,7 @@ def test_da_lockout_says_so_and_falls_back(disk: Path, tpm: Swtpm, tmp_path: Pat
 
 
 def test_our_noda_enrolment_unlocks_during_lockout(disk: Path, key_file: Path, tpm: Swtpm, tmp_path: Path) -> None:
-    assert enroll(disk, key_file, tpm).returncode == 0
+    enroll(disk, key_file, tpm)
     force_lockout(tpm, tmp_path)
     done = run_cli("unlock", str(disk), "--test", "--tries", "0", tpm=tpm)
     assert done.returncode == 0, done.stderr.decode()
@@ -77,7 +75,7 @@ def test_four_power_cuts_in_a_row_every_store_still_unlocks(key_file: Path, tpm:
     for store in ("token", "nv", "file"):
         disks[store] = make_luks_image(tmp_path / f"{store}.img")
         spec = f"file={tmp_path / 'blob'}" if store == "file" else store
-        assert enroll(disks[store], key_file, tpm, "--store", spec).returncode == 0
+        enroll(disks[store], key_file, tpm, "--store", spec)
     # A DA-protected object (the ArchWiki way) beside ours shows the cuts really count.
     seed_disk = make_luks_image(tmp_path / "seed.img")
     adopt_da_protected_blob(seed_disk, tpm, tmp_path)
@@ -119,8 +117,7 @@ def test_enrol_failure_half_way_leaves_the_disk_as_before(disk: Path, key_file: 
     script.write_text(script.read_text().replace(
         "{after}", f"swtpm_ioctl --tcp 127.0.0.1:{tpm.port + 1} -s >/dev/null 2>&1"))
     before = luks_json(disk)
-    done = enroll(disk, key_file, tpm, env={"PATH": f"{bindir}:{os.environ['PATH']}"})
-    assert done.returncode == 2, done.stderr.decode()
+    done = enroll(disk, key_file, tpm, env={"PATH": f"{bindir}:{os.environ['PATH']}"}, status=2)
     assert b"enrolment failed, undoing what was added" in done.stderr
     assert luks_json(disk) == before
     assert opens(disk, PASSPHRASE)
@@ -130,8 +127,7 @@ def test_enrol_failure_when_nv_index_taken_leaves_the_disk_as_before(disk: Path,
     tpm.tools("tpm2_nvdefine", "--size", "8", "--attributes=ownerread|ownerwrite", "0x1500016")
     try:
         before = luks_json(disk)
-        done = enroll(disk, key_file, tpm, "--store", "nv")
-        assert done.returncode == 1
+        done = enroll(disk, key_file, tpm, "--store", "nv", status=1)
         assert b"already defined" in done.stderr
         assert luks_json(disk) == before
     finally:
@@ -147,7 +143,7 @@ def test_no_secret_in_argv_or_environment_of_cryptsetup(disk: Path, key_file: Pa
     script.write_text(script.read_text().replace("{after}", ":"))
     env = {"PATH": f"{bindir}:{os.environ['PATH']}"}
     blob = tmp_path / "blob"
-    assert enroll(disk, key_file, tpm, "--store", f"file={blob}", env=env).returncode == 0
+    enroll(disk, key_file, tpm, "--store", f"file={blob}", env=env)
     assert run_cli("unlock", str(disk), "--test", tpm=tpm, env=env).returncode == 0
     keys = [tpm2_tools_unseal(tpm, blob, "sha256:0,2,4,7", tmp_path / "ctx1")]
     tpm.extend(7)
@@ -168,7 +164,7 @@ def test_no_secret_in_argv_or_environment_of_cryptsetup(disk: Path, key_file: Pa
 def test_key_never_crosses_the_bus_in_clear(disk: Path, key_file: Path, tpm: Swtpm, tmp_path: Path) -> None:
     """pcap TCTI capture of our unseal holds no key bytes; tpm2_unseal's (unsalted) capture does."""
     blob = tmp_path / "blob"
-    assert enroll(disk, key_file, tpm, "--store", f"file={blob}", "--pcrs", "sha256:7").returncode == 0
+    enroll(disk, key_file, tpm, "--store", f"file={blob}", "--pcrs", "sha256:7")
     ctx = tmp_path / "ctx"
     ctx.mkdir()
     tpm.tools("tpm2_createprimary", "-C", "o", "--key-algorithm=ecc", f"--attributes={SRK_ATTRS}",
