@@ -34,7 +34,8 @@ def verb_enroll(opts: argparse.Namespace) -> int:
 
 
 def verb_unlock(opts: argparse.Namespace) -> int:
-    from unlocker.boot.unlock import BootOptions, UnlockOptions, unlock, unlock_at_boot
+    from unlocker.boot.at_boot import BootOptions, unlock_at_boot
+    from unlocker.boot.unlock import UnlockRequest, unlock
 
     if opts.no_tpm and opts.tries == 0:
         raise UsageError("--no-tpm with --tries 0 would open nothing")
@@ -43,7 +44,8 @@ def verb_unlock(opts: argparse.Namespace) -> int:
             raise UsageError("--test and NAME need a DEVICE")
         unlock_at_boot(BootOptions(opts.tries, opts.tcti, opts.timeout, use_tpm=not opts.no_tpm))
     else:
-        unlock(UnlockOptions(opts.device, opts.name, opts.test, opts.tries, opts.tcti, use_tpm=not opts.no_tpm))
+        unlock(UnlockRequest(opts.device, opts.name, test=opts.test, tries=opts.tries, tcti=opts.tcti,
+                             use_tpm=not opts.no_tpm))
     return EXIT_OK
 
 

@@ -22,10 +22,11 @@ if TYPE_CHECKING:
 CRYPTSETUP = "cryptsetup"
 MAX_KEYSLOTS = 32
 MAX_TOKENS = 32
-# The key is 32 random bytes: PBKDF2 at its minimum, as systemd-cryptenroll does; Argon2 would
-# only cost boot time without adding strength to a high-entropy key.
+# what cryptsetup may be handed as a key or passphrase (on stdin or through a pipe)
 KeyBytes = Secret | bytes | bytearray
 
+# The key is 32 random bytes: PBKDF2 at its minimum, as systemd-cryptenroll does; Argon2 would
+# only cost boot time without adding strength to a high-entropy key.
 FAST_PBKDF = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]
 
 
@@ -52,9 +53,9 @@ class LuksDevice:
         self._meta: dict[str, Any] | None = None
 
     # --- metadata -------------------------------------------------------------------------------
-    def metadata(self, refresh: bool = False) -> dict[str, Any]:
+    def metadata(self) -> dict[str, Any]:
         """The LUKS2 JSON header. Raises UsageError for LUKS1 or non-LUKS devices."""
-        if self._meta is None or refresh:
+        if self._meta is None:
             done = _cryptsetup(["luksDump", "--dump-json-metadata", self.path])
             if done.returncode != 0:
                 if _cryptsetup(["isLuks", self.path]).returncode == 0:
@@ -145,11 +146,9 @@ class LuksDevice:
         """True if `key` opens `slot` (any slot when None). Creates no mapping."""
         return _cryptsetup(self._test_args(slot), input=key).returncode == 0
 
-    def slot_of_key(self, key: KeyBytes, exclude: set[int] | None = None) -> int | None:
+    def slot_of_key(self, key: KeyBytes) -> int | None:
         """Which keyslot `key` opens, or None."""
         for slot in self.keyslots():
-            if exclude and slot in exclude:
-                continue
             if self.test_key(key, slot):
                 return slot
         return None
@@ -171,7 +170,7 @@ class LuksDevice:
         """Create the /dev/mapper/NAME mapping with `key`; False if the key opens no (such) slot."""
         return self._opened(_cryptsetup(self._open_args(name, slot), input=key))
 
-    def start_open(self, name: str, slot: int, test: bool = False) -> PendingOpen:
+    def start_open(self, name: str, slot: int, *, test: bool = False) -> PendingOpen:
         """`cryptsetup open` (`--test-passphrase` with `test`) started now, its key to follow: it
         execs, loads its libraries and reads the header, then waits on stdin, while the key is
         still being unsealed."""

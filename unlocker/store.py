@@ -104,8 +104,8 @@ def destroy(tpm: Tpm | None, token: Token) -> None:
                 pass
 
 
-def read_blob_files(blob_dir: str, pub_name: str = PUB_NAME, priv_name: str = PRIV_NAME) -> SealedObject:
-    return read_blob_pair(os.path.join(blob_dir, pub_name), os.path.join(blob_dir, priv_name))
+def read_blob_files(blob_dir: str) -> SealedObject:
+    return read_blob_pair(os.path.join(blob_dir, PUB_NAME), os.path.join(blob_dir, PRIV_NAME))
 
 
 def read_blob_pair(pub_path: str, priv_path: str) -> SealedObject:

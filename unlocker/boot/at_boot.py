@@ -1,0 +1,85 @@
+"""`unlock` without a device, at boot: every device the boot names, one TPM connection for all."""
+
+from __future__ import annotations
+
+import os
+
+from unlocker import TYPE_CHECKING
+from unlocker.boot.connection import TpmConnection
+from unlocker.boot.unlock import BootContext, UnlockRequest, unlock
+from unlocker.errors import DeviceNotFoundError, UnlockerError
+from unlocker.lean.record import record
+from unlocker.log import say, trace
+
+if TYPE_CHECKING:
+    from unlocker.boot.devices import Target
+
+
+@record(frozen=True)
+class BootOptions:
+    """What `unlock` without a device was asked to do: every device the boot names."""
+
+    tries: int
+    tcti: str | None
+    timeout: float
+    use_tpm: bool = True
+
+
+def unlock_at_boot(opts: BootOptions) -> None:
+    """Open every device the boot asks for (cmdline, crypttab, else every device with our token);
+    raise the first failure after trying them all."""
+    from unlocker.boot import warmup
+    from unlocker.boot.devices import boot_targets
+
+    targets = boot_targets()
+    trace("boot targets: " + (", ".join(t.source for t in targets) or "none"))
+    if not targets:
+        say("no LUKS device to open (none on the command line, in crypttab, or with a tpm2-unlocker token)")
+        return
+    warmup.start()
+    connection = TpmConnection(opts.tcti, opts.timeout) if opts.use_tpm else None
+    try:
+        if connection is not None:
+            connection.connect_in_background()  # while the disks are still on their way
+        failures = _open_targets(targets, opts, connection)
+    finally:
+        if connection is not None:
+            connection.close()
+    if len(failures) == 1 and len(targets) == 1:
+        raise failures[0].as_said()
+    if failures:
+        # each failure was said above; the exit code is the first one's
+        raise type(failures[0])(f"{len(failures)} of {len(targets)} device(s) not opened")
+
+
+def _open_targets(targets: list[Target], opts: BootOptions,
+                  connection: TpmConnection | None) -> list[UnlockerError]:
+    """Each target in turn: waited for, then unlocked; the failures, each said as it happened."""
+    from unlocker.boot import warmup
+    from unlocker.boot.devices import read_luks_header, wait_for
+
+    failures: list[UnlockerError] = []
+    context = BootContext(tpm=connection, before_open=warmup.wait_for_dm_crypt, open_early=True)
+    for target in targets:
+        found = wait_for(target.source, opts.timeout)
+        if found is None:
+            failures.append(DeviceNotFoundError(f"{target.source}: no such device after {opts.timeout:g} s"))
+            say(failures[-1].message)
+            continue
+        path = found.path
+        trace(f"{target.source}: found at {path}")
+        header = found.header or read_luks_header(path)
+        name = target.name
+        if name is None:
+            name = f"luks-{header[0]}" if header else os.path.basename(path)
+        if os.path.exists(f"/dev/mapper/{name}"):
+            say(f"{path}: already open as {name}")
+            continue
+        try:
+            unlock(UnlockRequest(path, name, tries=opts.tries, tcti=opts.tcti, use_tpm=opts.use_tpm), context,
+                   metadata=header[1] if header else None)
+        except UnlockerError as exc:
+            if not exc.said:
+                say(exc.message)
+            failures.append(exc)
+    return failures
