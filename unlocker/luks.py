@@ -11,7 +11,7 @@ from unlocker import TYPE_CHECKING
 from unlocker.errors import CorruptError, CryptsetupError, DeviceNotFoundError, UsageError
 from unlocker.lean.jsonload import loads
 from unlocker.lean.record import record
-from unlocker.lean.run import Completed, Started, run
+from unlocker.lean.run import Completed, RunError, Started, run
 from unlocker.lean.threads import Background
 from unlocker.secret import Secret
 from unlocker.token import TOKEN_TYPE, Token, parse_token
@@ -34,9 +34,10 @@ def _raw(key: KeyBytes | None) -> bytes | bytearray | None:
     return key.data if isinstance(key, Secret) else key
 
 
-def _cryptsetup(args: list[str], *, input: KeyBytes | None = None, pass_fds: tuple[int, ...] = ()) -> Completed:
+def _cryptsetup(args: list[str], *, input: KeyBytes | None = None, pass_fds: tuple[int, ...] = (),
+                check: bool = False) -> Completed:
     try:
-        return run([CRYPTSETUP, *args], input=_raw(input), pass_fds=pass_fds)
+        return run([CRYPTSETUP, *args], input=_raw(input), pass_fds=pass_fds, check=check)
     except FileNotFoundError:
         raise CryptsetupError("cryptsetup is not installed") from None
 
@@ -51,6 +52,18 @@ class LuksDevice:
         if not os.path.exists(self.path):
             raise DeviceNotFoundError(f"{self.path}: no such device or file")
         self._meta: dict[str, Any] | None = None
+
+    def _must(self, args: list[str], doing: str, *, input: KeyBytes | None = None, pass_fds: tuple[int, ...] = (),
+              wrong_key: str | None = None) -> Completed:
+        """cryptsetup that must succeed. Its exit code 2 (the key given opens no keyslot it may
+        use) is a UsageError saying `wrong_key`, when given; any other failure a CryptsetupError
+        naming what was `doing`, with cryptsetup's own words."""
+        try:
+            return _cryptsetup(args, input=input, pass_fds=pass_fds, check=True)
+        except RunError as exc:
+            if wrong_key is not None and exc.done.returncode == 2:
+                raise UsageError(f"{self.path}: {wrong_key}") from None
+            raise CryptsetupError(f"{self.path}: {doing} failed: {exc.done.stderr_text}") from None
 
     # --- metadata -------------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
@@ -76,9 +89,10 @@ class LuksDevice:
         self._meta = meta
 
     def uuid(self) -> str:
-        done = _cryptsetup(["luksUUID", self.path])
-        if done.returncode != 0:
-            raise UsageError(f"{self.path} is not a LUKS device")
+        try:
+            done = _cryptsetup(["luksUUID", self.path], check=True)
+        except RunError:
+            raise UsageError(f"{self.path} is not a LUKS device") from None
         return done.stdout.decode().strip()
 
     def keyslots(self) -> list[int]:
@@ -122,19 +136,13 @@ class LuksDevice:
         key = new_key.data if isinstance(new_key, Secret) else new_key
         writer = Background(lambda: _write_and_close(write_fd, key), "key writer")
         try:
-            done = _cryptsetup(
-                ["luksAddKey", "--key-file=-", "--new-key-slot", str(slot), *FAST_PBKDF, self.path,
-                 f"/proc/self/fd/{read_fd}"],
-                input=existing, pass_fds=(read_fd,),
-            )
+            self._must(["luksAddKey", "--key-file=-", "--new-key-slot", str(slot), *FAST_PBKDF, self.path,
+                        f"/proc/self/fd/{read_fd}"], "adding a keyslot", input=existing, pass_fds=(read_fd,),
+                       wrong_key="the passphrase given does not open any keyslot")
         finally:
             os.close(read_fd)
             writer.join()
-        self._meta = None
-        if done.returncode == 2:
-            raise UsageError(f"{self.path}: the passphrase given does not open any keyslot")
-        if done.returncode != 0:
-            raise CryptsetupError(f"{self.path}: adding a keyslot failed: {done.stderr_text}")
+            self._meta = None
 
     def _test_args(self, slot: int | None) -> list[str]:
         args = ["open", "--test-passphrase", "--key-file=-", self.path]
@@ -183,12 +191,11 @@ class LuksDevice:
 
     def kill_slot(self, slot: int, remaining: KeyBytes) -> None:
         """Wipe `slot`, authorised by `remaining`, a passphrase of another slot (never --batch-mode)."""
-        done = _cryptsetup(["luksKillSlot", "--key-file=-", self.path, str(slot)], input=remaining)
-        self._meta = None
-        if done.returncode == 2:
-            raise UsageError(f"{self.path}: the passphrase given does not open a keyslot other than {slot}")
-        if done.returncode != 0:
-            raise CryptsetupError(f"{self.path}: removing keyslot {slot} failed: {done.stderr_text}")
+        try:
+            self._must(["luksKillSlot", "--key-file=-", self.path, str(slot)], f"removing keyslot {slot}",
+                       input=remaining, wrong_key=f"the passphrase given does not open a keyslot other than {slot}")
+        finally:
+            self._meta = None
 
     # --- tokens ---------------------------------------------------------------------------------
     def import_token(self, token: Token) -> int:
@@ -197,18 +204,19 @@ class LuksDevice:
 
         tid = self.free_token_id()
         doc = json.dumps(token.to_json(), separators=(",", ":")).encode()
-        done = _cryptsetup(["token", "import", "--json-file", "-", "--token-id", str(tid), self.path], input=doc)
-        self._meta = None
-        if done.returncode != 0:
-            raise CryptsetupError(f"{self.path}: writing the LUKS2 token failed: {done.stderr_text}")
+        try:
+            self._must(["token", "import", "--json-file", "-", "--token-id", str(tid), self.path],
+                       "writing the LUKS2 token", input=doc)
+        finally:
+            self._meta = None
         token.token_id = tid
         return tid
 
     def remove_token(self, token_id: int) -> None:
-        done = _cryptsetup(["token", "remove", "--token-id", str(token_id), self.path])
-        self._meta = None
-        if done.returncode != 0:
-            raise CryptsetupError(f"{self.path}: removing token {token_id} failed: {done.stderr_text}")
+        try:
+            self._must(["token", "remove", "--token-id", str(token_id), self.path], f"removing token {token_id}")
+        finally:
+            self._meta = None
 
 
 def _write_and_close(fd: int, data: bytes | bytearray) -> None:

@@ -92,3 +92,14 @@ def test_started_program_gets_its_input_later_or_is_cancelled() -> None:
     waiting = Started(["cat"])
     waiting.cancel()
     assert waiting._child.returncode == -signal.SIGKILL
+
+
+def test_check_raises_a_typed_error_with_the_programs_words() -> None:
+    from unlocker.lean.run import RunError
+
+    assert run(["sh", "-c", "exit 0"], check=True).returncode == 0
+    with pytest.raises(RunError) as failed:
+        run(["sh", "-c", "echo 'no such keyslot' >&2; exit 2"], check=True)
+    assert failed.value.done.returncode == 2
+    assert failed.value.done.stderr_text == "no such keyslot"
+    assert run(["sh", "-c", "exit 2"]).returncode == 2  # without check, the caller reads the code

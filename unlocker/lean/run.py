@@ -44,6 +44,14 @@ class Completed:
         return self.stderr.decode(errors="replace").strip()
 
 
+class RunError(Exception):
+    """A program that did not exit 0 where the caller asked for success (run(check=True))."""
+
+    def __init__(self, done: Completed) -> None:
+        super().__init__(f"{done.argv[0]} exited {done.returncode}: {done.stderr_text}")
+        self.done = done
+
+
 def child_env() -> dict[str, str]:
     """The environment for children: ours minus the loader variables of a frozen bundle."""
     env = {k: v for k, v in os.environ.items() if k not in _UNSAFE_ENV and not k.startswith(_UNSAFE_PREFIXES)}
@@ -216,13 +224,17 @@ def run(
     input: bytes | bytearray | memoryview | None = None,
     pass_fds: Sequence[int] = (),
     timeout: float | None = None,
+    check: bool = False,
 ) -> Completed:
     """Run a program, capture its output, feed `input` on stdin.
 
     Secrets go through `input` or a pipe in `pass_fds`, never in argv. A missing program raises
     FileNotFoundError for the caller to turn into its own error. At `timeout` seconds the program
-    is killed (its exit code is then -9).
+    is killed (its exit code is then -9). With `check`, an exit code other than 0 raises RunError.
     """
     argv = list(argv)
     trace("run: " + " ".join(argv))
-    return _Child(argv, input is not None, pass_fds).collect(input, timeout)
+    done = _Child(argv, input is not None, pass_fds).collect(input, timeout)
+    if check and done.returncode != 0:
+        raise RunError(done)
+    return done
