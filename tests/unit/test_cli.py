@@ -109,7 +109,8 @@ def test_boot_path_imports_none_of_the_slow_standard_modules() -> None:
     # _MEIPASS: tss.py finds its C module as in the frozen binary's folder
     purelib = sysconfig.get_paths()["purelib"]
     code = (f"import sys\nsys.path.append({purelib!r})\nsys._MEIPASS = {purelib!r}\n"
-            "from unlocker import cli\nfrom unlocker.boot import warmup\nimport unlocker.boot.unlock, unlocker.boot.at_boot, unlocker.boot.devices\n"
+            "from unlocker import cli\nfrom unlocker.boot import warmup\n"
+            "import unlocker.boot.unlock, unlocker.boot.at_boot, unlocker.boot.devices\n"
             "cli.parse_args(['unlock', '--tries', '0', '--timeout', '30'])\n"
             f"print(' '.join(m for m in {NOT_ON_BOOT_PATH!r} if m in sys.modules))")
     done = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60,
