@@ -10,8 +10,6 @@ command line replace a default in the initrd, in every kind of image.
 
 from __future__ import annotations
 
-import math
-
 from unlocker import TYPE_CHECKING
 from unlocker.errors import UsageError
 from unlocker.lean.record import record
@@ -39,8 +37,8 @@ def seconds(option: str) -> Callable[[str], float]:
         try:
             value = float(text)
         except ValueError:
-            value = math.nan
-        if not math.isfinite(value) or value < 0:
+            value = -1.0
+        if not 0 <= value < float("inf"):  # nan compares false too
             raise UsageError(f"{option} takes a finite number of seconds, 0 or more, not '{text}'")
         return value
     return convert
