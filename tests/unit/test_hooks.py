@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,15 +82,16 @@ eval "exit \\${RC_$n:-0}"
 """
 
 
-def run_runtime_hook(tmp_path: Path, rc_first: int, rc_second: int = 0) -> tuple[str, list[str]]:
+def run_runtime_hook(tmp_path: Path, rc_first: int, rc_second: int = 0,
+                     under: tuple[str, ...] = ()) -> tuple[str, list[str]]:
     """mkinitcpio's init sequence for our hook (source, run_earlyhook, source again, run_hook) in
-    busybox sh, with a fake binary that records its arguments and a modprobe that does nothing."""
+    busybox sh (run by the command `under`, if given), with a fake binary that records its arguments
+    and a modprobe that does nothing."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
     fake = bindir / "tpm2-unlocker"
     fake.write_text(FAKE_BINARY)
     (bindir / "modprobe").write_text("#!/bin/sh\nexit 0\n")
-    (bindir / "head").write_text('#!/bin/sh\necho "$*" >> "$CALLS.head"\n')
     for f in bindir.iterdir():
         f.chmod(0o755)
     calls = tmp_path / "calls"
@@ -99,7 +99,7 @@ def run_runtime_hook(tmp_path: Path, rc_first: int, rc_second: int = 0) -> tuple
     hook = REPO / "mkinitcpio" / "hooks" / "tpm2-unlocker"
     script = (f"err() {{ echo \"ERROR: $*\"; }}\n. '{hook}'\nrun_earlyhook\nunset -f run_hook\n"
               f". '{hook}'\nrun_hook\n")
-    done = subprocess.run(["busybox", "sh", "-c", script], capture_output=True, text=True, timeout=60,
+    done = subprocess.run([*under, "busybox", "sh", "-c", script], capture_output=True, text=True, timeout=60,
                           env={"PATH": f"{bindir}:/usr/bin:/bin", "TPM2_UNLOCKER_BIN": str(fake),
                                "CALLS": str(calls), "RC_1": str(rc_first), "RC_2": str(rc_second)})
     assert done.returncode == 0, done.stderr
@@ -115,11 +115,26 @@ def test_runtime_hook_tpm_success_in_the_background_needs_no_second_run(tmp_path
 def test_runtime_hook_starts_no_reader_of_the_random_pool(tmp_path: Path) -> None:
     """A reader that waits for the kernel's pool makes the kernel spin on timer jitter until it is
     seeded: on one CPU that is time taken from udev and the binary. The binary seeds the pool from
-    the TPM when it has to (unlocker/boot/entropy.py); the hook must not start that spin beside it."""
-    assert "/dev/random" not in (REPO / "mkinitcpio" / "hooks" / "tpm2-unlocker").read_text()
-    run_runtime_hook(tmp_path, rc_first=0)
-    time.sleep(0.5)  # what the hook starts in the background has run by now
-    assert not (tmp_path / "calls.head").exists()
+    the TPM when it has to (unlocker/boot/entropy.py); the hook must not start that spin beside it.
+    Every process of the hook's runs is traced until it ends (what it starts in the background too):
+    none opens /dev/random or calls getrandom() without GRND_NONBLOCK, either of which waits."""
+    assert "/dev/random" not in (REPO / "mkinitcpio" / "hooks" / "tpm2-unlocker").read_text()  # branches not run here
+    try:
+        subprocess.run(["strace", "-V"], capture_output=True, check=True)
+    except FileNotFoundError:
+        raise AssertionError("strace is not installed (apt-get install strace)") from None
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    run_runtime_hook(tmp_path, rc_first=3, under=("strace", "-f", "-ff", "-qq", "-e", "trace=execve,open,openat,getrandom",
+                                                  "-o", str(trace / "process")))
+    calls = [line for f in trace.iterdir() for line in f.read_text().splitlines()]
+    started = [c.split('"')[1] for c in calls if c.startswith("execve(") and c.endswith(" = 0")]
+    # the trace followed the hook into what it starts: modprobe, and the binary for both runs
+    assert started.count(str(tmp_path / "bin" / "modprobe")) == 1, started
+    assert started.count(str(tmp_path / "bin" / "tpm2-unlocker")) == 2, started
+    waits = [c for c in calls if '"/dev/random"' in c
+             or (c.startswith("getrandom(") and "GRND_NONBLOCK" not in c and "GRND_INSECURE" not in c)]
+    assert waits == []
 
 
 def test_runtime_hook_asks_in_the_foreground_after_a_tpm_failure(tmp_path: Path) -> None:
@@ -147,12 +162,40 @@ def test_systemd_unit_runs_before_cryptsetup_pre_and_only_tries_the_tpm() -> Non
     assert "DefaultDependencies=no" in unit
 
 
-def test_dracut_module_setup_is_valid_bash_with_the_dracut_functions() -> None:
+# dracut's require_binaries (dracut-init.sh) as it behaves: each argument looked for (a path: an
+# executable there; a name: in PATH), the return value the number not found
+REQUIRE_BINARIES = """
+require_binaries() {
+    local cmd missing=0
+    for cmd in "$@"; do
+        echo "$cmd" >>"$LOG"
+        if [[ $cmd == */* ]]; then [[ -x $cmd ]] || missing=$((missing + 1))
+        else command -v "$cmd" >/dev/null || missing=$((missing + 1)); fi
+    done
+    return $missing
+}
+"""
+
+
+def test_dracut_check_needs_cryptsetup_and_the_binary_and_is_only_used_when_asked_for(tmp_path: Path) -> None:
+    """module-setup.sh sourced in bash as dracut sources it, with require_binaries: it defines
+    dracut's four functions, and check() returns 255 (never picked by hostonly detection, included
+    when asked for) when cryptsetup and the binary are there, 1 (not installable) when either is not."""
     setup = REPO / "dracut" / "90tpm2-unlocker" / "module-setup.sh"
-    assert subprocess.run(["bash", "-n", str(setup)], check=False).returncode == 0
-    text = setup.read_text()
-    for func in ("check()", "depends()", "installkernel()", "install()"):
-        assert func in text
+    for present, status in [({"cryptsetup", "tpm2-unlocker"}, 255), ({"cryptsetup"}, 1), ({"tpm2-unlocker"}, 1)]:
+        case = tmp_path / "-".join(sorted(present))
+        (case / "bin").mkdir(parents=True)
+        for name in present:
+            (case / "bin" / name).write_text("#!/bin/sh\n")
+            (case / "bin" / name).chmod(0o755)
+        binary = case / "bin" / "tpm2-unlocker"
+        script = (f"PATH='{case / 'bin'}'\n{REQUIRE_BINARIES}\n. '{setup}'\n"
+                  "declare -F check depends installkernel install >/dev/null || exit 100\ncheck\n")
+        done = subprocess.run(["bash", "-uc", script], capture_output=True, text=True, timeout=60,
+                              env={"PATH": "/usr/bin:/bin", "LOG": str(case / "required"),
+                                   "TPM2_UNLOCKER_BINARY": str(binary)})
+        assert (done.returncode, done.stderr) == (status, ""), present
+        assert (case / "required").read_text().split() == ["cryptsetup", str(binary)], present
 
 
 def test_both_hooks_install_the_one_library_list(tmp_path: Path) -> None:
