@@ -63,7 +63,7 @@ UNCOMPRESSED_TYPES = ("EXTENSION", "DATA", "BINARY", "EXECUTABLE", "PYSOURCE", "
 
 # A fixed str hash seed: Python otherwise reads one from the kernel before it runs a line, and until
 # the kernel's random pool is seeded (an initramfs on a machine without a CPU RNG, such as QEMU's
-# default CPU) that read waits ~1 s. What we hash is ours (argv, the LUKS header's JSON, crypttab):
+# default CPU) that read waits (docs/boot-path.md). What we hash is ours (argv, the LUKS header's JSON, crypttab):
 # randomised hashing guards servers, not this. The secrets still come from the seeded pool
 # (unlocker/boot/warmup.py sees to it).
 PYTHON_OPTION = "hash_seed=0"
@@ -87,7 +87,7 @@ LAUNCHER_SPEC = f"""launcher = EXE(
 
 def write_spec(work: Path) -> Path:
     """pyi-makespec with our options, then the one change the CLI cannot make: store the archive
-    uncompressed. Unpacking zlib at every start cost ~1 s of the boot under TCG; the initramfs is
+    uncompressed. Unpacking zlib at every start was a large part of the boot under TCG; the initramfs is
     compressed as a whole anyway."""
     args = [sys.executable, "-m", "PyInstaller.utils.cliutils.makespec", "--onefile", "--log-level", "WARN",
             "--name", "tpm2-unlocker", "--runtime-tmpdir", RUNTIME_TMPDIR, "--strip",
@@ -111,7 +111,7 @@ def write_spec(work: Path) -> Path:
         raise SystemExit("unexpected spec layout from pyi-makespec")
     # PyInstaller's runtime hook for `inspect` imports zipfile (and pathlib, urllib, ...) and reads
     # base_library.zip's directory at every start, to fix inspect.getsourcefile for tracebacks the
-    # boot never prints: ~0.1 s of the start in the TCG guest.
+    # boot never prints: start-up time in the TCG guest (docs/performance.md).
     text = text.replace("pyz = PYZ(a.pure)", f"a.binaries = [b for b in a.binaries if b[0] not in {LEFT_OUT_OF_BUNDLE!r}]\n"
                         f"a.scripts = [s for s in a.scripts if s[0] not in {DROPPED_RUNTIME_HOOKS!r}]\n"
                         "pyz = PYZ(a.pure)\n" + LAUNCHER_SPEC)

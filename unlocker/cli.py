@@ -231,8 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def entry() -> NoReturn:
     code = main()
-    # Exit without the interpreter's teardown (modules, garbage collection: ~0.06 s of a boot under
-    # emulation, on the way from "unlocked" to the next hook). Nothing of ours waits for it: output
+    # Exit without the interpreter's teardown (modules, garbage collection: time a boot under
+    # emulation pays on the way from "unlocked" to the next hook, docs/performance.md). Nothing of ours waits for it: output
     # is flushed here, keys are wiped where they are used, no atexit handlers, no non-daemon threads.
     for stream in (sys.stdout, sys.stderr):
         try:

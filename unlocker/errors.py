@@ -1,4 +1,4 @@
-"""Exception types. Each carries the one line a user sees and its exit code (README, Exit codes).
+"""Exception types. Each carries the one line a user sees and its exit code (README.md, Exit codes).
 
 cli.py is the one place that turns these into a message on stderr and an exit code.
 """

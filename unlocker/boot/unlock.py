@@ -109,11 +109,10 @@ def spare_cpu() -> bool:
 def start_open(device: LuksDevice, tokens: list[tuple[int, Token | CorruptError]], name: str, *,
                test: bool) -> PendingOpen | None:
     """Start `cryptsetup open` of the first enrolment's keyslot before its key is unsealed: its
-    exec, libraries and header read then overlap the TPM's work. Only with a second CPU (on one,
-    the two only take turns: measured in the TCG guest, the busybox window grew 0.1 s; with two
-    CPUs dracut's shrank 0.16 s). A mapping needs device-mapper there already (cryptsetup checks
-    for it before it reads the key); without it, or on any error, the open runs after the unseal
-    as usual and says what is wrong."""
+    exec, libraries and header read then overlap the TPM's work. Only with a second CPU: on one,
+    the two only take turns and the window grows (docs/performance.md, the change log). A mapping
+    needs device-mapper there already (cryptsetup checks for it before it reads the key); without
+    it, or on any error, the open runs after the unseal as usual and says what is wrong."""
     if not spare_cpu() or (not test and not os.path.exists(DM_CONTROL)):
         return None
     slots = [t.keyslot for _, t in tokens if isinstance(t, Token)]

@@ -2,7 +2,7 @@
 
 The parsing is the same: json.loads with its defaults runs the C scanner of `_json`, and so does this.
 What is skipped is the Python package around it, whose import compiles regular expressions and
-builds enums (`re`, `enum`, `functools`: ~50 ms of a boot under emulation, README, Performance).
+builds enums (`re`, `enum`, `functools`: start-up time a boot pays under emulation, docs/performance.md).
 Whatever the scanner refuses goes to json.loads itself, which raises the error it always raises (a
 ValueError), so callers see json's behaviour in every case.
 """

@@ -1,9 +1,9 @@
 """`@record`: the part of `dataclasses` the boot path uses, without its start-up cost.
 
 `dataclasses` imports `inspect` (and with it ast, dis, tokenize) and compiles every method it
-generates with `exec`. For the boot path's fourteen classes that was ~10 ms of a 34 ms `unlock` on
-the host, and several times more in a boot under emulation, where the compiler's code runs for the
-first time (README, Performance). `record` gives the same methods as closures over the field list.
+generates with `exec`. For the boot path's classes that was a large part of an `unlock`'s start on
+the host, and more in a boot under emulation, where the compiler's code runs for the first time
+(docs/performance.md). `record` gives the same methods as closures over the field list.
 
 Type checkers see `dataclasses.dataclass` itself (the TYPE_CHECKING branch), so fields, defaults and
 frozen-ness are checked as for any dataclass. Supported: `@record`, `@record(frozen=True)`, defaults,

@@ -2,7 +2,7 @@
 
 Children are started with os.posix_spawn and their pipes read with select.poll, not with the
 subprocess module: its import (signal and its enums, selectors, locale and with it re, threading)
-is start-up time the boot pays under emulation (README, Performance), for features we do not use.
+is start-up time the boot pays under emulation (docs/performance.md), for features we do not use.
 What it did for us is done here: the program looked up in the children's PATH, only the pipes and
 `pass_fds` open in the child, SIGPIPE back to its default there, input written while output is read.
 """
@@ -68,7 +68,7 @@ def child_env() -> dict[str, str]:
 
 def which(program: str) -> str | None:
     """The program as a child would find it (in child_env's PATH): shutil.which without shutil, whose
-    import is ~10 ms of a boot under emulation."""
+    import is start-up time a boot pays under emulation."""
     return _lookup(program, child_env()["PATH"])
 
 

@@ -1,5 +1,5 @@
 """Threads for the boot path on `_thread`: `threading` (with functools and collections, which it
-imports) is start-up time a boot pays under emulation (README, Performance), for the two things
+imports) is start-up time a boot pays under emulation (docs/performance.md), for the two things
 we use: a function run in the background and a flag another thread waits for.
 """
 
