@@ -1,14 +1,10 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 from helpers import Swtpm, make_luks_image, write_key_file
 
 

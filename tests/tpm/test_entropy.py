@@ -16,6 +16,8 @@ import pytest
 from unlocker.boot import entropy
 from unlocker.boot.entropy import SeedError
 
+pytestmark = pytest.mark.tpm
+
 
 def _chardev_swtpm(state: Path, flags: str) -> Iterator[int]:
     if shutil.which("swtpm") is None:
