@@ -1,6 +1,8 @@
 """Side-by-side benchmark: `python -m bench.run [--boots N] [--variants a,b,...] [--host-only]`.
 
 In one run, on the same kernel, root image contents and swtpm state, boot N times each:
+  floor            the passphrase variant's image plus a key file for the disk (rd.luks.key=): no TPM
+                   used, no prompt; the least any unlocker can take
   passphrase       dracut systemd image, passphrase typed (the baseline)
   ours-dracut      dracut systemd image + our module
   ours-mkinitcpio  busybox image built by our mkinitcpio install script (vm/minicpio)
@@ -16,8 +18,11 @@ cryptsetup.target (a unit after it), the same stopwatch in every systemd image. 
 no units: its window runs from the kernel's `[vda]` probe line to the end of the runtime hooks, and
 the kernel-probe window is printed for every variant too. The guest uptime at that end mark ("unlocked
 at") is printed as well: a window can shrink because work moved before the disk appeared, and only
-this absolute figure shows whether the boot as a whole got there sooner. Between boots the TPM's dictionary-attack
-counter is cleared from the host (the forced power-offs would lock the systemd token out).
+this absolute figure shows whether the boot as a whole got there sooner. Each variant's windows are also
+printed divided by the floor's: what an unlocker costs beyond opening the disk with a key at hand (for
+the busybox image, whose window starts at the kernel's probe, the kernel-probe ratio is the one that
+compares like with like). Between boots the TPM's dictionary-attack counter is cleared from the host
+(the forced power-offs would lock the systemd token out).
 Also on the host: frozen binary cold start, unseal + open-test against tpm2-tools and Clevis.
 
 `--trace` boots our variants with `tpm2_unlocker.debug` and prints each boot's timeline (`/init`, the
@@ -50,7 +55,11 @@ from vm.tools import run
 REPO = Path(__file__).resolve().parent.parent
 STOPWATCH = REPO / "bench" / "dracut" / "99tpm2u-stopwatch"
 PCRS = "sha256:16"
-VARIANTS = ("passphrase", "ours-dracut", "ours-mkinitcpio", "systemd-tpm2", "clevis")
+VARIANTS = ("floor", "passphrase", "ours-dracut", "ours-mkinitcpio", "systemd-tpm2", "clevis")
+# The floor's key file inside its image. Named without a UUID, systemd-cryptsetup-generator takes it for
+# every rd.luks.uuid= disk (`rd.luks.key=UUID-OF-DISK=PATH` would name one); the TPM stays attached, as
+# in every variant, so the machine is the same and only the unlocker differs.
+FLOOR_KEY = "/etc/tpm2u-floor.key"
 CLEVIS_PACKAGES = ("clevis", "clevis-tpm2", "clevis-luks", "clevis-dracut")
 VDA = re.compile(rb"\[\s*([0-9.]+)\] virtio_blk virtio\d+: \[vda\]")
 MARK = re.compile(rb"TPM2U-STOPWATCH (disk|crypt|hooks-done) ([0-9.]+)")
@@ -79,6 +88,10 @@ class Result:
             return None
         return statistics.median(values), min(values), max(values)
 
+    def median(self, attr: str) -> float | None:
+        stat = self.stat(attr)
+        return stat[0] if stat else None
+
 
 def parse(log: bytes) -> Sample:
     marks = {m.group(1).decode(): float(m.group(2)) for m in MARK.finditer(log)}
@@ -98,8 +111,18 @@ def ensure_clevis() -> None:
             env={"DEBIAN_FRONTEND": "noninteractive"})
 
 
+def floor_key(work: Path) -> Path:
+    """The floor's key file on the host: random bytes, made once per run, for its image and its keyslot."""
+    key = work / "floor.key"
+    if not key.exists():
+        key.touch(mode=0o600)
+        key.write_bytes(os.urandom(32))
+    return key
+
+
 def build_images(kernel: Kernel, binary: Path, work: Path, variants: list[str]) -> dict[str, Initramfs]:
-    extra = {"passphrase": "", "ours-dracut": "", "systemd-tpm2": "tpm2-tss", "clevis": "clevis clevis-pin-tpm2"}
+    extra = {"floor": "", "passphrase": "", "ours-dracut": "", "systemd-tpm2": "tpm2-tss",
+             "clevis": "clevis clevis-pin-tpm2"}
     images: dict[str, Initramfs] = {}
     for v in variants:
         out = work / f"{v}.img"
@@ -108,9 +131,17 @@ def build_images(kernel: Kernel, binary: Path, work: Path, variants: list[str]) 
         else:
             images[v] = build_dracut(kernel, binary, out, with_ours=(v == "ours-dracut"),
                                      extra_modules=f"tpm2u-stopwatch {extra[v]}".strip(),
-                                     extra_module_dirs=(STOPWATCH,))
+                                     extra_module_dirs=(STOPWATCH,),
+                                     include=((floor_key(work), FLOOR_KEY),) if v == "floor" else ())
         print(f"  {v}: {images[v].size_mb:.1f} MB, built in {images[v].build_seconds:.0f} s", flush=True)
     return images
+
+
+def add_floor_key(disk: Path, key: Path) -> None:
+    """The floor's keyslot, added on the host (luksAddKey needs no device-mapper). A random key needs no
+    costly key derivation: the same cheap PBKDF as the TPM variants' keyslots."""
+    run(["cryptsetup", "luksAddKey", "--batch-mode", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+         "--key-file=-", disk, key], input=PASSPHRASE)
 
 
 def enroll(variant: str, disk: Path, tpm: Swtpm, binary: Path) -> None:
@@ -128,6 +159,8 @@ def enroll(variant: str, disk: Path, tpm: Swtpm, binary: Path) -> None:
 def cmdline_extra(variant: str, trace: bool = False) -> str:
     if variant == "systemd-tpm2":
         return "rd.luks.options=tpm2-device=auto"
+    if variant == "floor":
+        return f"rd.luks.key={FLOOR_KEY}"
     return "tpm2_unlocker.debug" if trace and variant.startswith("ours-") else ""
 
 
@@ -147,7 +180,7 @@ def boot_variant(kernel: Kernel, image: Initramfs, variant: str, root: RootImage
     answers = [PASSPHRASE] if variant == "passphrase" else []
     result = guest.run_boot(name, answers=answers, extra=cmdline_extra(variant, trace))
     if variant != "passphrase" and result.prompted:
-        print(f"    {name}: asked for a passphrase (TPM path failed); see {work / (name + '.console.log')}")
+        print(f"    {name}: asked for a passphrase (its unlocker failed); see {work / (name + '.console.log')}")
     log = (work / f"{name}.console.log").read_bytes()
     if trace and variant.startswith("ours-"):
         for line in timeline(log):
@@ -162,6 +195,19 @@ def clear_lockout(state: Path) -> None:
 
 def fmt(stat: tuple[float, float, float] | None) -> str:
     return "n/a" if stat is None else f"{stat[0]:6.2f} ({stat[1]:.2f}-{stat[2]:.2f})"
+
+
+def to_floor(results: dict[str, Result]) -> dict[str, tuple[float | None, float | None]]:
+    """Per variant, its median unlock window and kernel-probe window divided by the floor's (None where
+    either median is missing); empty without a floor."""
+    floor = results.get("floor")
+    if floor is None:
+        return {}
+
+    def ratio(r: Result, attr: str) -> float | None:
+        ours, base = r.median(attr), floor.median(attr)
+        return ours / base if ours is not None and base else None
+    return {v: (ratio(r, "window"), ratio(r, "kernel_window")) for v, r in results.items()}
 
 
 def report(results: dict[str, Result]) -> None:
@@ -180,6 +226,18 @@ def report(results: dict[str, Result]) -> None:
         b = ours.stat("kernel_window")
         if a and b:
             print(f"ratio ours-mkinitcpio / ours-dracut: {a[0] / b[0]:.2f} (kernel-probe window medians)")
+    ratios = to_floor(results)
+    if ratios:
+        row = "{:16s} {:>9s} {:>9s}   {:>22s} {:>9s}"
+        print("\n" + row.format("medians", "window s", "/ floor", "kernel-probe window s", "/ floor"))
+        for v, (window, kernel_window) in ratios.items():
+            r = results[v]
+            print(row.format(v, _num(r.median("window")), _num(window), _num(r.median("kernel_window")),
+                             _num(kernel_window)))
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def time_command(argv: list[str], input: bytes | None = None, n: int = 10, env: dict[str, str] | None = None) -> float:
@@ -260,7 +318,9 @@ def main() -> None:
         vwork.mkdir(exist_ok=True)
         disk = vwork / "root.img"
         shutil.copy(golden.path, disk)
-        if v != "passphrase":
+        if v == "floor":
+            add_floor_key(disk, floor_key(work))
+        elif v != "passphrase":
             with Swtpm(state) as tpm:
                 enroll(v, disk, tpm, binary)
         results[v] = Result(v, images[v].size_mb)

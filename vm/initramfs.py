@@ -53,7 +53,9 @@ def _dracut_base_dir(work: Path, extra_module_dirs: tuple[Path, ...] = ()) -> Pa
 
 
 def build_dracut(kernel: Kernel, binary: Path, out: Path, *, systemd: bool = True, with_ours: bool = True,
-                 extra_modules: str = "", extra_module_dirs: tuple[Path, ...] = ()) -> Initramfs:
+                 extra_modules: str = "", extra_module_dirs: tuple[Path, ...] = (),
+                 include: tuple[tuple[Path, str], ...] = ()) -> Initramfs:
+    """`include`: (host file, path in the image) pairs, put in by dracut's --include."""
     work = out.parent / (out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     base = _dracut_base_dir(work, extra_module_dirs)
@@ -64,10 +66,12 @@ def build_dracut(kernel: Kernel, binary: Path, out: Path, *, systemd: bool = Tru
         modules += " tpm2-unlocker"
     if extra_modules:
         modules += " " + extra_modules
+    includes = [arg for src, dest in include for arg in ("--include", str(src), dest)]
     started = time.monotonic()
     run(["dracut", "--force", "--no-hostonly", "--no-hostonly-cmdline", "--conf", "/dev/null",
          "--confdir", empty_confdir, "--kver", kernel.version, "--kmoddir", kernel.moddir, "-m", modules,
-         "--omit", "plymouth", "--add-drivers", DRACUT_DRIVERS, "--compress", "gzip", "--no-early-microcode", out],
+         "--omit", "plymouth", "--add-drivers", DRACUT_DRIVERS, "--compress", "gzip", "--no-early-microcode",
+         *includes, out],
         env={"dracutbasedir": str(base), "TPM2_UNLOCKER_BINARY": str(binary)})
     kind = "dracut-systemd" if systemd else "dracut-shell"
     return Initramfs(out, kind, time.monotonic() - started)
