@@ -78,3 +78,9 @@ class CryptsetupError(UnlockerError):
 
 class DeviceNotFoundError(UnlockerError):
     exit_code = EXIT_NO_DEVICE
+
+
+class InternalError(UnlockerError):
+    """A bug of ours met while opening one of several devices: said, and the others still tried."""
+
+    exit_code = EXIT_INTERNAL

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 CRYPTSETUP = "cryptsetup"
 MAX_KEYSLOTS = 32
 MAX_TOKENS = 32
+# Every call ends cryptsetup's options with "--": a path or mapping name that starts with '-'
+# (a hostile kernel command line's rd.luks.name=UUID=--test-passphrase) is then never an option.
 # what cryptsetup may be handed as a key or passphrase (on stdin or through a pipe)
 KeyBytes = Secret | bytes | bytearray
 
@@ -69,9 +71,9 @@ class LuksDevice:
     def metadata(self) -> dict[str, Any]:
         """The LUKS2 JSON header. Raises UsageError for LUKS1 or non-LUKS devices."""
         if self._meta is None:
-            done = _cryptsetup(["luksDump", "--dump-json-metadata", self.path])
+            done = _cryptsetup(["luksDump", "--dump-json-metadata", "--", self.path])
             if done.returncode != 0:
-                if _cryptsetup(["isLuks", self.path]).returncode == 0:
+                if _cryptsetup(["isLuks", "--", self.path]).returncode == 0:
                     raise UsageError(f"{self.path} is LUKS1: tokens need LUKS2 (cryptsetup convert --type luks2)")
                 raise UsageError(f"{self.path} is not a LUKS device")
             try:
@@ -90,22 +92,32 @@ class LuksDevice:
 
     def uuid(self) -> str:
         try:
-            done = _cryptsetup(["luksUUID", self.path], check=True)
+            done = _cryptsetup(["luksUUID", "--", self.path], check=True)
         except RunError:
             raise UsageError(f"{self.path} is not a LUKS device") from None
         return done.stdout.decode().strip()
 
-    def keyslots(self) -> list[int]:
-        return sorted(int(k) for k in self.metadata().get("keyslots", {}))
+    def _section(self, name: str) -> dict[int, Any]:
+        """A numbered section of the header ("keyslots", "tokens"), its ids as numbers. At boot the
+        header is read without cryptsetup's checks and is the attacker's to write: anything but an
+        object with decimal ids is a CorruptError, never a crash."""
+        section = self.metadata().get(name, {})
+        if not isinstance(section, dict) or not all(
+                isinstance(k, str) and k.isdigit() and len(k) <= 3 and k.isascii() for k in section):
+            raise CorruptError(f"{self.path}: the LUKS2 header's {name} are malformed")
+        return {int(k): v for k, v in section.items()}
 
-    def raw_tokens(self) -> dict[int, dict[str, Any]]:
-        return {int(k): v for k, v in self.metadata().get("tokens", {}).items()}
+    def keyslots(self) -> list[int]:
+        return sorted(self._section("keyslots"))
+
+    def raw_tokens(self) -> dict[int, Any]:
+        return self._section("tokens")
 
     def our_tokens(self) -> list[tuple[int, Token | CorruptError]]:
         """Every token of our type, parsed; a malformed one comes back as its CorruptError."""
         found: list[tuple[int, Token | CorruptError]] = []
         for tid, doc in sorted(self.raw_tokens().items()):
-            if doc.get("type") != TOKEN_TYPE:
+            if not isinstance(doc, dict) or doc.get("type") != TOKEN_TYPE:
                 continue
             try:
                 found.append((tid, parse_token(doc, tid)))
@@ -136,7 +148,7 @@ class LuksDevice:
         key = new_key.data if isinstance(new_key, Secret) else new_key
         writer = Background(lambda: _write_and_close(write_fd, key), "key writer")
         try:
-            self._must(["luksAddKey", "--key-file=-", "--new-key-slot", str(slot), *FAST_PBKDF, self.path,
+            self._must(["luksAddKey", "--key-file=-", "--new-key-slot", str(slot), *FAST_PBKDF, "--", self.path,
                         f"/proc/self/fd/{read_fd}"], "adding a keyslot", input=existing, pass_fds=(read_fd,),
                        wrong_key="the passphrase given does not open any keyslot")
         finally:
@@ -145,7 +157,7 @@ class LuksDevice:
             self._meta = None
 
     def _test_args(self, slot: int | None) -> list[str]:
-        args = ["open", "--test-passphrase", "--key-file=-", self.path]
+        args = ["open", "--test-passphrase", "--key-file=-", "--", self.path]
         if slot is not None:
             args[1:1] = ["--key-slot", str(slot)]
         return args
@@ -162,7 +174,7 @@ class LuksDevice:
         return None
 
     def _open_args(self, name: str, slot: int | None) -> list[str]:
-        args = ["open", "--type", "luks2", "--key-file=-", self.path, name]
+        args = ["open", "--type", "luks2", "--key-file=-", "--", self.path, name]
         if slot is not None:
             args[1:1] = ["--key-slot", str(slot)]
         return args
@@ -192,7 +204,7 @@ class LuksDevice:
     def kill_slot(self, slot: int, remaining: KeyBytes) -> None:
         """Wipe `slot`, authorised by `remaining`, a passphrase of another slot (never --batch-mode)."""
         try:
-            self._must(["luksKillSlot", "--key-file=-", self.path, str(slot)], f"removing keyslot {slot}",
+            self._must(["luksKillSlot", "--key-file=-", "--", self.path, str(slot)], f"removing keyslot {slot}",
                        input=remaining, wrong_key=f"the passphrase given does not open a keyslot other than {slot}")
         finally:
             self._meta = None
@@ -205,7 +217,7 @@ class LuksDevice:
         tid = self.free_token_id()
         doc = json.dumps(token.to_json(), separators=(",", ":")).encode()
         try:
-            self._must(["token", "import", "--json-file", "-", "--token-id", str(tid), self.path],
+            self._must(["token", "import", "--json-file", "-", "--token-id", str(tid), "--", self.path],
                        "writing the LUKS2 token", input=doc)
         finally:
             self._meta = None
@@ -214,7 +226,7 @@ class LuksDevice:
 
     def remove_token(self, token_id: int) -> None:
         try:
-            self._must(["token", "remove", "--token-id", str(token_id), self.path], f"removing token {token_id}")
+            self._must(["token", "remove", "--token-id", str(token_id), "--", self.path], f"removing token {token_id}")
         finally:
             self._meta = None
 

@@ -109,9 +109,9 @@ def _need(doc: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
 
 
 def _hex(value: str, what: str, sizes: tuple[int, ...]) -> bytes:
-    if value.strip(_LOWER_HEX):
-        raise CorruptError(f"token field '{what}' is not lower-case hex")
-    raw = bytes.fromhex(value)
+    if value.strip(_LOWER_HEX) or len(value) % 2:
+        raise CorruptError(f"token field '{what}' is not lower-case hex (an even number of digits)")
+    raw = binascii.a2b_hex(value)
     if len(raw) not in sizes:
         raise CorruptError(f"token field '{what}' has {len(raw)} bytes")
     return raw

@@ -62,3 +62,10 @@ def test_a_real_luks2_header_parses_as_json(tmp_path: object) -> None:
     text = subprocess.run(["cryptsetup", "luksDump", "--dump-json-metadata", image], capture_output=True,
                           check=True).stdout
     assert loads(text) == json.loads(text) and "keyslots" in loads(text)
+
+
+@pytest.mark.parametrize("doc", [b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000])
+def test_a_document_nested_too_deeply_is_a_value_error(doc: bytes) -> None:
+    """A hostile LUKS header (an attacker's USB stick at boot) must be a malformed document, not a crash."""
+    with pytest.raises(ValueError, match="nested too deeply"):
+        loads(doc)

@@ -6,8 +6,8 @@ import os
 
 from unlocker import TYPE_CHECKING
 from unlocker.boot.connection import TpmConnection
-from unlocker.boot.unlock import BootContext, UnlockRequest, unlock
-from unlocker.errors import DeviceNotFoundError, UnlockerError
+from unlocker.boot.unlock import BootContext, UnlockRequest, check_mapping_name, unlock
+from unlocker.errors import DeviceNotFoundError, InternalError, UnlockerError
 from unlocker.lean.record import record
 from unlocker.log import say, trace
 
@@ -56,30 +56,37 @@ def _open_targets(targets: list[Target], opts: BootOptions,
                   connection: TpmConnection | None) -> list[UnlockerError]:
     """Each target in turn: waited for, then unlocked; the failures, each said as it happened."""
     from unlocker.boot import warmup
-    from unlocker.boot.devices import read_luks_header, wait_for
 
     failures: list[UnlockerError] = []
     context = BootContext(tpm=connection, before_open=warmup.wait_for_dm_crypt, open_early=True)
     for target in targets:
-        found = wait_for(target.source, opts.timeout)
-        if found is None:
-            failures.append(DeviceNotFoundError(f"{target.source}: no such device after {opts.timeout:g} s"))
-            say(failures[-1].message)
-            continue
-        path = found.path
-        trace(f"{target.source}: found at {path}")
-        header = found.header or read_luks_header(path)
-        name = target.name
-        if name is None:
-            name = f"luks-{header[0]}" if header else os.path.basename(path)
-        if os.path.exists(f"/dev/mapper/{name}"):
-            say(f"{path}: already open as {name}")
-            continue
         try:
-            unlock(UnlockRequest(path, name, tries=opts.tries, tcti=opts.tcti, use_tpm=opts.use_tpm), context,
-                   metadata=header[1] if header else None)
+            _open_target(target, opts, context)
         except UnlockerError as exc:
             if not exc.said:
                 say(exc.message)
             failures.append(exc)
+        except Exception as exc:  # a bug of ours: said for this device, and the others still opened
+            failures.append(InternalError(f"{target.source}: internal error: {type(exc).__name__}: {exc}"))
+            say(failures[-1].message)
     return failures
+
+
+def _open_target(target: Target, opts: BootOptions, context: BootContext) -> None:
+    from unlocker.boot.devices import read_luks_header, wait_for
+
+    found = wait_for(target.source, opts.timeout)
+    if found is None:
+        raise DeviceNotFoundError(f"{target.source}: no such device after {opts.timeout:g} s")
+    path = found.path
+    trace(f"{target.source}: found at {path}")
+    header = found.header or read_luks_header(path)
+    name = target.name
+    if name is None:
+        name = f"luks-{header[0]}" if header else os.path.basename(path)
+    check_mapping_name(name)
+    if os.path.exists(f"/dev/mapper/{name}"):
+        say(f"{path}: already open as {name}")
+        return
+    unlock(UnlockRequest(path, name, tries=opts.tries, tcti=opts.tcti, use_tpm=opts.use_tpm), context,
+           metadata=header[1] if header else None)

@@ -74,8 +74,8 @@ def from_cmdline(cmdline: str) -> list[Target] | None:
 def from_crypttab(path: str = "/etc/crypttab") -> list[Target]:
     targets: list[Target] = []
     try:
-        with open(path) as f:
-            lines = f.read().splitlines()
+        with open(path, "rb") as f:
+            lines = f.read().decode(errors="replace").splitlines()
     except OSError:
         return []
     for line in lines:
@@ -89,28 +89,32 @@ def from_crypttab(path: str = "/etc/crypttab") -> list[Target]:
     return targets
 
 
-def read_luks_header(path: str) -> tuple[str, dict | None] | None:
-    """(UUID, LUKS2 JSON metadata or None for LUKS1) of `path`, or None if it is not LUKS."""
+def read_luks_header(path: str, uuid: str | None = None) -> tuple[str, dict | None] | None:
+    """(UUID, LUKS2 JSON metadata or None for LUKS1) of `path`, or None if it is not LUKS. With
+    `uuid`, None too when the device has another: its JSON (any stick's, an attacker's) is not
+    parsed at all. A header we cannot make sense of is LUKS without metadata, never an error."""
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
             if len(head) < 4096 or not head.startswith(LUKS_MAGIC):
                 return None
-            uuid = head[UUID_OFFSET:UUID_OFFSET + UUID_SIZE].split(b"\0", 1)[0].decode(errors="replace")
+            found = head[UUID_OFFSET:UUID_OFFSET + UUID_SIZE].split(b"\0", 1)[0].decode(errors="replace")
+            if uuid is not None and found != uuid:
+                return None
             version = struct.unpack(">H", head[6:8])[0]
             if version != 2:
-                return uuid, None
+                return found, None
             hdr_size = struct.unpack(">Q", head[8:16])[0]
             if not 4096 < hdr_size <= LUKS2_HEADER_MAX:
-                return uuid, None
+                return found, None
             area = f.read(hdr_size - 4096).split(b"\0", 1)[0]
     except OSError:
         return None
     try:
         meta = loads(area)
-    except ValueError:
-        return uuid, None
-    return uuid, meta if isinstance(meta, dict) else None
+    except ValueError:  # not JSON, or nested deeper than the interpreter recurses
+        return found, None
+    return found, meta if isinstance(meta, dict) else None
 
 
 def block_devices() -> list[str]:
@@ -142,15 +146,15 @@ def resolve(source: str) -> Found | None:
         return Found(source) if os.path.exists(source) else None
     kind, _, value = source.partition("=")
     links = {"UUID": "by-uuid", "PARTUUID": "by-partuuid", "LABEL": "by-label"}
-    if kind not in links or not value:
-        return None
+    if kind not in links or not value or "/" in value or value in (".", ".."):
+        return None  # a value with a '/' would lead the link's path out of /dev/disk
     link = f"/dev/disk/{links[kind]}/{value}"
     if os.path.exists(link):
         return Found(os.path.realpath(link))
     if kind == "UUID":  # no udev (plain busybox initramfs): read the headers ourselves
         for dev in block_devices():
-            header = read_luks_header(dev)
-            if header is not None and header[0] == value:
+            header = read_luks_header(dev, uuid=value)
+            if header is not None:
                 return Found(dev, header)
     return None
 

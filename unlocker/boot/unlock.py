@@ -9,6 +9,7 @@ from unlocker.boot.connection import TpmConnection
 from unlocker.boot.prompt import ask_passphrase
 from unlocker.errors import (
     CorruptError,
+    InternalError,
     NoTpmError,
     PolicyError,
     UnlockerError,
@@ -137,6 +138,19 @@ def open_or_test(device: LuksDevice, key: Secret, name: str, slot: int | None, *
     return device.open(key, name, slot)
 
 
+# device-mapper's limit (DM_NAME_LEN less the terminating NUL)
+MAX_MAPPING_NAME = 127
+
+
+def check_mapping_name(name: str) -> None:
+    """Refuse a mapping name that is no plain /dev/mapper name: from a kernel command line or a
+    crypttab it is input like any other (a name cannot start with '-' or hold a '/')."""
+    if (not name or len(name.encode()) > MAX_MAPPING_NAME or name.startswith("-") or name in (".", "..")
+            or "/" in name or not name.isprintable() or any(c.isspace() for c in name)):
+        raise UsageError(f"{name!r} is not a usable mapping name (1-{MAX_MAPPING_NAME} printable characters, "
+                         "no '/', no space, not starting with '-')")
+
+
 def unlock(opts: UnlockRequest, context: BootContext = NO_CONTEXT, metadata: dict | None = None) -> None:
     """Open the device with the TPM, else with a passphrase asked up to opts.tries times.
 
@@ -146,13 +160,15 @@ def unlock(opts: UnlockRequest, context: BootContext = NO_CONTEXT, metadata: dic
         device.seed_metadata(metadata)
     device.metadata()
     name = opts.name or f"luks-{device.uuid()}"
+    check_mapping_name(name)
     # what a failure exits with when no passphrase opens the disk either: the TPM's reason, if any
     failure: type[UnlockerError] = WrongPassphraseError
     if opts.use_tpm:
         connection = context.tpm or TpmConnection(opts.tcti)
-        tokens = device.our_tokens()  # parsed once, for the early open and the unseal
-        pending = start_open(device, tokens, name, test=opts.test) if context.open_early else None
+        pending: PendingOpen | None = None
         try:
+            tokens = device.our_tokens()  # parsed once, for the early open and the unseal
+            pending = start_open(device, tokens, name, test=opts.test) if context.open_early else None
             key, token = unseal_any(device, tokens, connection)
             with key:
                 if not open_or_test(device, key, name, token.keyslot, test=opts.test, context=context,
@@ -165,6 +181,9 @@ def unlock(opts: UnlockRequest, context: BootContext = NO_CONTEXT, metadata: dic
             say(f"{opts.device}: TPM unlock failed: {exc}")
             if exc.hint:
                 hint(exc.hint)
+        except Exception as exc:  # a bug of ours on the TPM side must never cost the user the prompt
+            failure = InternalError
+            say(f"{opts.device}: TPM unlock failed: internal error: {type(exc).__name__}: {exc}")
         finally:
             if pending is not None:
                 pending.cancel()  # unless it got the key: then nothing is left to cancel

@@ -4,7 +4,9 @@ The parsing is the same: json.loads with its defaults runs the C scanner of `_js
 What is skipped is the Python package around it, whose import compiles regular expressions and
 builds enums (`re`, `enum`, `functools`: start-up time a boot pays under emulation, docs/performance.md).
 Whatever the scanner refuses goes to json.loads itself, which raises the error it always raises (a
-ValueError), so callers see json's behaviour in every case.
+ValueError), so callers see json's behaviour in every case but one: a document nested deeper than
+the interpreter's recursion limit is a ValueError too (json raises RecursionError), so that a
+hostile LUKS header is a malformed document like any other, never a crash.
 """
 
 from __future__ import annotations
@@ -36,6 +38,13 @@ _scan = _json.make_scanner(_Defaults())  # type: ignore[arg-type]  # typeshed: a
 
 def loads(data: str | bytes | bytearray) -> Any:
     """json.loads(data): the document, or the ValueError json raises for it."""
+    try:
+        return _loads(data)
+    except RecursionError:
+        raise ValueError("the JSON document is nested too deeply") from None
+
+
+def _loads(data: str | bytes | bytearray) -> Any:
     try:
         text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
         value, end = _scan(text, len(text) - len(text.lstrip(_WHITESPACE)))
