@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,31 @@ def test_check_raises_a_typed_error_with_the_programs_words() -> None:
     assert failed.value.done.returncode == 2
     assert failed.value.done.stderr_text == "no such keyslot"
     assert run(["sh", "-c", "exit 2"]).returncode == 2  # without check, the caller reads the code
+
+
+# reads one page (POLLOUT for us), writes 1 MiB to stdout (more than a pipe holds: it blocks until we read), reads the rest
+_READ_WRITE_READ = ("import os, sys\nhead = os.read(0, 4096)\nsys.stdout.buffer.write(b'y' * (1 << 20))\n"
+                    "sys.stdout.flush()\nrest = sys.stdin.buffer.read()\nsys.stderr.write(str(len(head) + len(rest)))\n")
+
+
+def test_a_child_that_writes_before_it_reads_all_its_input_never_dead_locks() -> None:
+    done = run([sys.executable, "-c", _READ_WRITE_READ], input=b"x" * (1 << 20), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout) == 1 << 20
+    assert done.stderr == str(1 << 20).encode()
+
+
+def test_the_timeout_fires_while_a_child_reads_nothing() -> None:
+    """A child that never reads its input: our write must not block past the timeout."""
+    started = time.monotonic()
+    done = run([sys.executable, "-c", "import time; time.sleep(60)"], input=b"x" * (1 << 20), timeout=1)
+    assert done.returncode == -9
+    assert time.monotonic() - started < 10
+
+
+def test_the_timeout_fires_after_a_child_closed_its_outputs() -> None:
+    """A child that closed stdout and stderr but goes on running is still killed at the timeout."""
+    started = time.monotonic()
+    done = run(["sh", "-c", "exec >&- 2>&-; sleep 60"], timeout=1)
+    assert done.returncode == -9
+    assert time.monotonic() - started < 10

@@ -149,42 +149,61 @@ class _Child:
             pass  # ended already (a zombie until collect() reaps it)
 
     def collect(self, input: bytes | bytearray | memoryview | None, timeout: float | None) -> Completed:
-        """Feed `input`, read stdout and stderr to their end (killing it at `timeout`), reap it."""
+        """Feed `input`, read stdout and stderr to their end, reap it; at `timeout` seconds it is
+        killed, wherever it is (reading, writing, or running with its pipes closed)."""
         out, err = bytearray(), bytearray()
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            self._exchange(memoryview(input or b"").cast("B"), out, err, timeout)
+            self._exchange(memoryview(input or b"").cast("B"), out, err, deadline)
         finally:
             for fd in (self.stdin, self.stdout, self.stderr):
                 if fd >= 0:
                     os.close(fd)
             self.stdin = self.stdout = self.stderr = -1
-            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+            self.returncode = self._reap(deadline)
         trace(f"run: {self.argv[0]} exited {self.returncode}")
         return Completed(self.argv, self.returncode, bytes(out), bytes(err))
 
-    def _exchange(self, pending: memoryview, out: bytearray, err: bytearray, timeout: float | None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def _reap(self, deadline: float | None) -> int:
+        """Its exit code; killed first if it is still running at `deadline`."""
+        while deadline is not None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            if time.monotonic() >= deadline:
+                self.kill()
+                break
+            time.sleep(0.01)
+        return os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+
+    def _exchange(self, pending: memoryview, out: bytearray, err: bytearray, deadline: float | None) -> None:
+        """Write `pending` to its stdin while reading its outputs, until both outputs end (and the
+        input is written) or `deadline`. Our end of stdin does not block: poll is the one wait, so
+        a child that writes before it has read all its input never dead-locks against us."""
         sinks = {self.stdout: out, self.stderr: err}
         poller = select.poll()
         for fd in sinks:
             poller.register(fd, select.POLLIN)
         if self.stdin >= 0:
             if len(pending):
+                os.set_blocking(self.stdin, False)
                 poller.register(self.stdin, select.POLLOUT)
             else:
                 os.close(self.stdin)
                 self.stdin = -1
-        while sinks:
+        while sinks or self.stdin >= 0:
             wait_ms = None
             if deadline is not None:
                 wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
                 if wait_ms == 0:
-                    self.kill()
-                    deadline = None  # killed: its pipes end now, read them to the end
+                    self.kill()  # what it wrote so far is kept; _reap collects its exit code
+                    return
             for fd, event in poller.poll(wait_ms):
                 if fd == self.stdin:
                     try:
                         pending = pending[os.write(fd, pending[:65536]):]
+                    except BlockingIOError:
+                        continue  # the pipe filled between poll and write: poll again
                     except BrokenPipeError:
                         pending = pending[:0]  # it exited without reading all: its exit code says why
                     if not len(pending):
