@@ -4,6 +4,7 @@ add_* functions and run_hook contract), for machines where mkinitcpio itself is 
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import time
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .kernel import Kernel
-from .tools import run
+from .tools import HarnessError, run
 
 REPO = Path(__file__).resolve().parent.parent
 DRACUT_MODULE = REPO / "dracut" / "90tpm2-unlocker"
@@ -23,6 +24,11 @@ DRACUT_BASE_MODULES = "base systemd systemd-initrd systemd-udevd systemd-ask-pas
                       "udev-rules dm crypt fs-lib terminfo shutdown"
 DRACUT_SHELL_MODULES = "base bash kernel-modules rootfs-block udev-rules dm crypt fs-lib terminfo shutdown"
 DRACUT_DRIVERS = "virtio_blk virtio_pci dm_crypt tpm_tis tpm_crb ext4"
+# What our dracut module's install() puts in last, per initrd kind. dracut reports a module whose
+# install() failed and still writes the image: without this check the failure would surface only as
+# every boot falling back to the passphrase prompt.
+DRACUT_HOOK = {True: "usr/lib/systemd/system/systemd-cryptsetup@.service.d/tpm2-unlocker.conf",
+               False: "usr/lib/dracut/hooks/initqueue/settled/10-tpm2-unlocker-initqueue.sh"}
 
 
 @dataclass(frozen=True)
@@ -68,13 +74,24 @@ def build_dracut(kernel: Kernel, binary: Path, out: Path, *, systemd: bool = Tru
         modules += " " + extra_modules
     includes = [arg for src, dest in include for arg in ("--include", str(src), dest)]
     started = time.monotonic()
-    run(["dracut", "--force", "--no-hostonly", "--no-hostonly-cmdline", "--conf", "/dev/null",
-         "--confdir", empty_confdir, "--kver", kernel.version, "--kmoddir", kernel.moddir, "-m", modules,
-         "--omit", "plymouth", "--add-drivers", DRACUT_DRIVERS, "--compress", "gzip", "--no-early-microcode",
-         *includes, out],
-        env={"dracutbasedir": str(base), "TPM2_UNLOCKER_BINARY": str(binary)})
-    kind = "dracut-systemd" if systemd else "dracut-shell"
-    return Initramfs(out, kind, time.monotonic() - started)
+    done = run(["dracut", "--force", "--no-hostonly", "--no-hostonly-cmdline", "--conf", "/dev/null",
+                "--confdir", empty_confdir, "--kver", kernel.version, "--kmoddir", kernel.moddir, "-m", modules,
+                "--omit", "plymouth", "--add-drivers", DRACUT_DRIVERS, "--compress", "gzip", "--no-early-microcode",
+                *includes, out],
+               env={"dracutbasedir": str(base), "TPM2_UNLOCKER_BINARY": str(binary)})
+    seconds = time.monotonic() - started
+    if with_ours and DRACUT_HOOK[systemd] not in image_files(out):
+        said = [line for line in done.stderr.decode(errors="replace").splitlines()
+                if "tpm2-unlocker" in line and "Executing:" not in line]
+        raise HarnessError(f"dracut built {out} without {DRACUT_HOOK[systemd]}: our module's install() failed; "
+                           "dracut said:\n" + "\n".join(said))
+    return Initramfs(out, "dracut-systemd" if systemd else "dracut-shell", seconds)
+
+
+def image_files(image: Path) -> set[str]:
+    """The paths in a gzip-compressed cpio image."""
+    listing = run(["cpio", "-it", "--quiet"], input=gzip.decompress(image.read_bytes())).stdout.decode()
+    return set(listing.splitlines())
 
 
 def build_mkinitcpio_busybox(kernel: Kernel, binary: Path, out: Path, *, udev: bool = True) -> Initramfs:
