@@ -148,3 +148,32 @@ def enroll_or_fail(disk: Path, key_file: Path, tpm: Swtpm, *extra: str, env: dic
     if status == 0:
         assert f"{disk}: enrolled keyslot ".encode() in done.stderr, done.stderr.decode()
     return done
+
+
+def tpm_messages(pcap: Path) -> list[tuple[str, bytes]]:
+    """The TPM commands ("command") and responses ("response"), in order, from a capture of
+    tpm2-tss's pcap TCTI (pcapng, raw IPv4 frames; the TPM's side is port 2321)."""
+    import struct
+
+    data = pcap.read_bytes()
+    streams: dict[str, bytearray] = {"command": bytearray(), "response": bytearray()}
+    order: list[tuple[str, bytes]] = []
+    offset = 0
+    while offset + 12 <= len(data):
+        block_type, block_length = struct.unpack_from("<II", data, offset)
+        if block_type == 6:  # enhanced packet block
+            captured = struct.unpack_from("<I", data, offset + 20)[0]
+            frame = data[offset + 28:offset + 28 + captured]
+            ip_length = (frame[0] & 0x0F) * 4
+            tcp = frame[ip_length:]
+            destination = struct.unpack_from(">H", tcp, 2)[0]
+            payload = tcp[(tcp[12] >> 4) * 4:]
+            direction = "command" if destination == 2321 else "response"
+            stream = streams[direction]
+            stream += payload
+            while len(stream) >= 10 and len(stream) >= struct.unpack_from(">I", stream, 2)[0]:
+                size = struct.unpack_from(">I", stream, 2)[0]
+                order.append((direction, bytes(stream[:size])))
+                del stream[:size]
+        offset += block_length
+    return order

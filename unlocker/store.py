@@ -74,13 +74,14 @@ def put(tpm: Tpm, spec: StoreSpec, key: Secret, policy: bytes, *, next_free_nv: 
 
 
 def take(tpm: Tpm, token: Token) -> Secret:
-    """Unseal the key a token points at. Raises PolicyError, CorruptError, LockoutError, NoTpmError."""
-    tpm.check_srk(token.srk_name)
+    """Unseal the key a token points at, over a session salted with the SRK the token pinned.
+    Raises PolicyError, CorruptError, LockoutError, NoTpmError."""
+    pinned = token.srk_name
     if token.store == "nv":
-        return tpm.nv_read(token.nv_index, token.selection)
+        return tpm.nv_read(token.nv_index, token.selection, pinned)
     if token.store == "file":
         try:
-            return tpm.unseal(read_blob_files(token.blob_dir), token.selection)
+            return tpm.unseal(read_blob_files(token.blob_dir), token.selection, pinned)
         except CorruptError:
             # A re-seal interrupted between its two renames leaves the new public part pending.
             pending = os.path.join(token.blob_dir, PUB_NAME + PENDING)
@@ -88,8 +89,8 @@ def take(tpm: Tpm, token: Token) -> Secret:
                 raise
             with open(pending, "rb") as f:
                 public = f.read()
-            return tpm.unseal(SealedObject(public, read_blob_files(token.blob_dir).private), token.selection)
-    return tpm.unseal(SealedObject(token.public, token.private), token.selection)
+            return tpm.unseal(SealedObject(public, read_blob_files(token.blob_dir).private), token.selection, pinned)
+    return tpm.unseal(SealedObject(token.public, token.private), token.selection, pinned)
 
 
 def destroy(tpm: Tpm | None, token: Token) -> None:

@@ -24,7 +24,7 @@ MAX_BLOB = 4096  # a sealed object's TPM2B_PUBLIC/PRIVATE are a few hundred byte
 NV_INDEX_MIN, NV_INDEX_MAX = 0x01000000, 0x01FFFFFF
 
 _COMMON = {"type", "keyslots", "version", "store", "pcr_bank", "pcrs", "pcr_values", "policy_hash",
-           "srk_name", "pin", "keyslot_owned"}
+           "srk_name", "srk_public", "pin", "keyslot_owned"}
 _PER_STORE = {"token": {"tpm2_public", "tpm2_private"}, "nv": {"nv_index"}, "file": {"blob_dir"}}
 _DIGITS = "0123456789"
 _LOWER_HEX = _DIGITS + "abcdef"
@@ -60,6 +60,8 @@ class Token:
     pcr_values: dict[int, bytes]
     policy_hash: bytes
     srk_name: bytes
+    # the SRK's TPM2B_PUBLIC, as systemd keeps it (tpm2_srk): its name is srk_name; older tokens lack it
+    srk_public: bytes = b""
     public: bytes = b""
     private: bytes = b""
     nv_index: int = 0
@@ -82,6 +84,8 @@ class Token:
             "pin": self.pin,
             "keyslot_owned": self.keyslot_owned,
         }
+        if self.srk_public:
+            doc["srk_public"] = binascii.b2a_base64(self.srk_public, newline=False).decode()
         if self.store == "token":
             doc["tpm2_public"] = binascii.b2a_base64(self.public, newline=False).decode()
             doc["tpm2_private"] = binascii.b2a_base64(self.private, newline=False).decode()
@@ -169,6 +173,8 @@ def parse_token(doc: Any, token_id: int | None = None) -> Token:
         keyslot_owned=_need(doc, "keyslot_owned", bool),
         token_id=token_id,
     )
+    if "srk_public" in doc:
+        token.srk_public = _b64(_need(doc, "srk_public", str), "srk_public")
     if store == "token":
         token.public = _b64(_need(doc, "tpm2_public", str), "tpm2_public")
         token.private = _b64(_need(doc, "tpm2_private", str), "tpm2_private")

@@ -56,7 +56,7 @@ def adopt(opts: AdoptOptions) -> Token:
         if sealed is not None:
             policy = sealed_auth_policy(sealed)
             tpm.use_tpm2_tools_srk()  # the recipe's `tpm2_createprimary --key-algorithm=ecc`
-            secret = tpm.unseal(sealed, opts.selection)
+            secret = tpm.unseal(sealed, opts.selection, None)  # no pin yet: this is where it is made
             say("the adopted object and its parent are DA-protected: power cuts count against the TPM's "
                 "lockout; 'tpm2-unlocker reseal' re-seals the key under a noDA key")
         else:
@@ -68,7 +68,7 @@ def adopt(opts: AdoptOptions) -> Token:
             if not info.no_da:
                 say(f"NV index 0x{opts.nv_index:08x} is DA-protected: power cuts count against the TPM's "
                     "lockout; 'tpm2-unlocker reseal' moves the key to a noDA index")
-            secret = tpm.nv_read(opts.nv_index, opts.selection)
+            secret = tpm.nv_read(opts.nv_index, opts.selection, None)
         if policy != expected:
             secret.wipe()
             raise UsageError(f"the object's policy is not PolicyPCR over {opts.selection} (check --pcrs)")

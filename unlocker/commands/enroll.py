@@ -77,7 +77,7 @@ def seal_into_token(tpm: Tpm, device: LuksDevice, key: Secret, slot: int, select
     policy = sealing_policy(selection, values)
     placement = store.put(tpm, spec, key, policy, next_free_nv=next_free_nv)
     token = Token(keyslot=slot, store=placement.store, selection=selection, pcr_values=values,
-                  policy_hash=policy, srk_name=tpm.srk_name(), public=placement.public,
+                  policy_hash=policy, srk_name=tpm.srk_name(), srk_public=tpm.srk_public(), public=placement.public,
                   private=placement.private, nv_index=placement.nv_index, blob_dir=placement.blob_dir,
                   keyslot_owned=keyslot_owned)
     undo.push("remove the sealed key", lambda: store.destroy(tpm, token))

@@ -88,13 +88,17 @@ class NvStorage(Sessions):
             tss.wipe(buffer)
             self._esys.tr_close(handle[0])
 
-    def nv_read(self, index: int, selection: PcrSelection) -> Secret:
+    def nv_read(self, index: int, selection: PcrSelection, pinned_srk: bytes | None) -> Secret:
+        """Read the key in `index` over a PolicyPCR session salted with the SRK named `pinned_srk`
+        (None: the SRK selected now; adopt only)."""
+        if pinned_srk is not None:
+            self.check_srk(pinned_srk)
         found = self._nv_lookup(index, errors.NV_READ)
         if found is None:
             raise CorruptError(f"NV index 0x{index:08x} does not exist in this TPM")
         handle, nv_public = found
         try:
-            with self._salted_session(lib.TPM2_SE_POLICY) as session:
+            with self._pinned_policy_session(pinned_srk) as session:
                 self._policy_pcr(session, selection)
                 data = tss.new("TPM2B_MAX_NV_BUFFER **")
                 self._esys.call("NV_Read", handle, handle, session, tss.NONE, tss.NONE,

@@ -93,16 +93,19 @@ class Sealing(Sessions):
         finally:
             tss.wipe(sensitive.sensitive.data)
 
-    def unseal(self, sealed: SealedObject, selection: PcrSelection) -> Secret:
-        """Load and unseal over a salted, encrypted PolicyPCR session."""
+    def unseal(self, sealed: SealedObject, selection: PcrSelection, pinned_srk: bytes | None) -> Secret:
+        """Load under the SRK named `pinned_srk` and unseal over a PolicyPCR session salted with that
+        same SRK and parameter-encrypted (None: the SRK selected now; enrolment and adopt only)."""
         public, private = _unmarshal_sealed(sealed)
+        if pinned_srk is not None:
+            self.check_srk(pinned_srk)
         loaded = tss.new("ESYS_TR *")
         try:
             self._esys.call("Load", self._current_srk(), tss.PASSWORD, tss.NONE, tss.NONE, private, public, loaded)
         except TssError as exc:
             raise errors.tpm_error(exc, errors.LOAD) from None
         try:
-            with self._salted_session(lib.TPM2_SE_POLICY) as session:
+            with self._pinned_policy_session(pinned_srk) as session:
                 self._policy_pcr(session, selection)
                 data = tss.new("TPM2B_SENSITIVE_DATA **")
                 self._esys.call("Unseal", loaded[0], session, tss.NONE, tss.NONE, data)

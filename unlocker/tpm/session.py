@@ -29,6 +29,7 @@ class Sessions(SrkHolder):
     def __init__(self, tcti: str) -> None:
         super().__init__(tcti)
         self._spare_policy_session: int | None = None
+        self._spare_salt_name = b""  # the name of the key that salted the spare session
 
     def close(self) -> None:
         if self._spare_policy_session is not None:
@@ -37,7 +38,9 @@ class Sessions(SrkHolder):
         super().close()
 
     def _start_session(self, session_type: int, salted: bool) -> int:
-        """A session (salted with the SRK: encrypting the first command and response parameter)."""
+        """A session (salted with the SRK selected now: encrypting the first command and response
+        parameter). Only a key whose name was checked may salt what carries a secret: see
+        _pinned_policy_session."""
         out = tss.new("ESYS_TR *")
         symmetric = tss.new("TPMT_SYM_DEF *")
         if salted:
@@ -71,6 +74,7 @@ class Sessions(SrkHolder):
                 self._spare_policy_session = self._start_session(lib.TPM2_SE_POLICY, salted=True)
             except TssError as exc:
                 raise errors.tpm_error(exc, errors.START_SESSION) from None
+            self._spare_salt_name = self._srk_name
 
     def _salted_session(self, session_type: int) -> _Session:
         """`with` it for a salted session (the spare policy session when one is ready), flushed after."""
@@ -79,6 +83,19 @@ class Sessions(SrkHolder):
         else:
             session = self._start_session(session_type, salted=True)
         return _Session(self._esys, session)
+
+    def _pinned_policy_session(self, pinned_srk: bytes | None) -> _Session:
+        """`with` it for the policy session an unseal or NV read runs in, salted with the SRK whose
+        name a token pinned: check_srk selects it by that name (a swapped TPM, or something between
+        us and the TPM answering with its own key, is refused there), and a spare session salted
+        with any other key (the boot prepares one before the token is read) is flushed unused.
+        None: no pin yet (enrolment, adopt): the SRK selected now, trusted on first use."""
+        if pinned_srk is not None:
+            self.check_srk(pinned_srk)
+        if self._spare_policy_session is not None and self._spare_salt_name != self._current_srk_name():
+            self._esys.flush(self._spare_policy_session)
+            self._spare_policy_session = None
+        return self._salted_session(lib.TPM2_SE_POLICY)
 
     def _policy_pcr(self, session: int, selection: PcrSelection) -> None:
         self._esys.call("PolicyPCR", session, tss.NONE, tss.NONE, tss.NONE, tss.new("TPM2B_DIGEST *"),

@@ -43,6 +43,17 @@ def srk_template(kind: str) -> CData:
     return public
 
 
+def srk_name_of(public: bytes) -> bytes:
+    """The TPM name of a marshalled TPM2B_PUBLIC with nameAlg SHA-256: the alg id, then the digest of
+    the TPMT_PUBLIC (Part 1, 16: Names)."""
+    import hashlib  # enrolment and status only: not imported on the boot path
+
+    area = public[2:]
+    if len(public) < 4 or int.from_bytes(public[:2], "big") != len(area) or area[2:4] != b"\x00\x0b":
+        raise ValueError("not a TPM2B_PUBLIC with nameAlg SHA-256")
+    return b"\x00\x0b" + hashlib.sha256(area).digest()
+
+
 class SrkHolder(TpmBase):
     """Keeps the SRK selected last: the sealing one, or the one a key to unseal names."""
 
@@ -109,10 +120,30 @@ class SrkHolder(TpmBase):
         self.srk()
         return self._srk_name
 
+    def _current_srk_name(self) -> bytes:
+        self._current_srk()
+        return self._srk_name
+
     def current_srk_name(self) -> bytes:
         """Name of the SRK selected last (the parent of what was just loaded)."""
         self._current_srk()
         return self._srk_name
+
+    def srk_public(self) -> bytes:
+        """The sealing SRK's TPM2B_PUBLIC, marshalled, checked against its name: what a token pins."""
+        handle = self.srk()
+        public = tss.new("TPM2B_PUBLIC **")
+        try:
+            self._esys.call("ReadPublic", handle, tss.NONE, tss.NONE, tss.NONE, public, tss.ffi.NULL, tss.ffi.NULL)
+            marshalled = tss.marshal("TPM2B_PUBLIC", public[0])
+        except TssError as exc:
+            raise errors.tpm_error(exc, errors.CREATE_SRK) from None
+        finally:
+            tss.free(public[0])
+        if srk_name_of(marshalled) != self._srk_name:
+            raise NoTpmError("the TPM's storage root key does not match its own name (something between us "
+                             "and the TPM?)")
+        return marshalled
 
     def check_srk(self, expected: bytes) -> None:
         """Select the SRK a key was sealed under, by its name; refuse a TPM that has none such.
@@ -133,8 +164,8 @@ class SrkHolder(TpmBase):
                     return
         except TssError as exc:
             raise errors.tpm_error(exc, errors.CREATE_SRK) from None
-        raise NoTpmError("this TPM's storage root key is not the one the key was sealed under "
-                         "(a different or cleared TPM)")
+        raise NoTpmError("TPM identity changed: this TPM's storage root key is not the one the key was sealed "
+                         "under (a different or cleared TPM, or something between us and the TPM)")
 
     def use_tpm2_tools_srk(self) -> None:
         """Select tpm2-tools' default primary, the parent of objects made by the ArchWiki recipe."""
