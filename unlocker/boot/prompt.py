@@ -11,7 +11,7 @@ import termios
 
 from unlocker import initrd
 from unlocker.lean.run import run, which
-from unlocker.secret import Secret
+from unlocker.secret import Secret, SecretBuffer
 
 MAX_PASSPHRASE = 512  # cryptsetup's interactive limit
 
@@ -31,21 +31,21 @@ def _open_terminal() -> int | None:
 
 
 def _read_line(fd: int) -> Secret | None:
-    """Read one line byte by byte into a bytearray (no str, no bytes copies of the secret)."""
-    data = bytearray()
-    one = bytearray(1)
-    while True:
-        n = os.readv(fd, [one])
-        if n == 0:
-            if not data:
-                return None
-            break
-        if one[0] in (0x0A, 0x0D):
-            break
-        if len(data) < MAX_PASSPHRASE:
-            data += one
-    one[0] = 0
-    return Secret(data)
+    """Read one line, a byte at a time (the terminal's line discipline), straight into one buffer:
+    no str, no bytes, no copies left by a growing bytearray. Bytes past MAX_PASSPHRASE are read and
+    dropped, as cryptsetup's own prompt does."""
+    buffer = SecretBuffer(MAX_PASSPHRASE + 1)
+    try:
+        while True:
+            if not buffer.read_from(fd, 1):
+                return buffer.take() if len(buffer) else None
+            if buffer.last() in (0x0A, 0x0D):
+                buffer.drop_last()
+                return buffer.take()
+            if len(buffer) > MAX_PASSPHRASE:
+                buffer.drop_last()
+    finally:
+        buffer.wipe()
 
 
 def ask_on_terminal(message: str) -> Secret | None:
@@ -74,15 +74,21 @@ def ask_on_terminal(message: str) -> Secret | None:
 
 
 def ask_with_agent(message: str) -> Secret | None:
-    """systemd-ask-password, for a systemd initrd where plymouth or a console agent answers."""
+    """systemd-ask-password, for a systemd initrd where plymouth or a console agent answers. Its
+    answer is read straight into a secret buffer (run's stdout_into), never into a bytes."""
     program = which("systemd-ask-password")
     if program is None:
         return None
-    done = run([program, "--timeout=0", message])
-    if done.returncode != 0:
-        return None
-    data = bytearray(done.stdout.rstrip(b"\n"))
-    return Secret(data)
+    answer = SecretBuffer(MAX_PASSPHRASE + 2)
+    try:
+        done = run([program, "--timeout=0", message], stdout_into=answer)
+        if done.returncode != 0:
+            return None
+        while answer.last() == 0x0A:
+            answer.drop_last()
+        return answer.take()
+    finally:
+        answer.wipe()
 
 
 def ask_passphrase(message: str) -> Secret | None:

@@ -22,6 +22,8 @@ from unlocker.log import trace
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from unlocker.secret import SecretBuffer
+
 # Variables PyInstaller (or a caller) sets that must not reach a child: a frozen binary points
 # LD_LIBRARY_PATH at its own folder, and cryptsetup would then load our bundled libcrypto.
 # Its own `_PYI_*` (and older `_MEIPASS*`) variables would make a child that is a PyInstaller program
@@ -148,13 +150,14 @@ class _Child:
         except ProcessLookupError:
             pass  # ended already (a zombie until collect() reaps it)
 
-    def collect(self, input: bytes | bytearray | memoryview | None, timeout: float | None) -> Completed:
+    def collect(self, input: bytes | bytearray | memoryview | None, timeout: float | None,
+                stdout_into: SecretBuffer | None = None) -> Completed:
         """Feed `input`, read stdout and stderr to their end, reap it; at `timeout` seconds it is
         killed, wherever it is (reading, writing, or running with its pipes closed)."""
         out, err = bytearray(), bytearray()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            self._exchange(memoryview(input or b"").cast("B"), out, err, deadline)
+            self._exchange(memoryview(input or b"").cast("B"), out, err, deadline, stdout_into)
         finally:
             for fd in (self.stdin, self.stdout, self.stderr):
                 if fd >= 0:
@@ -176,7 +179,8 @@ class _Child:
             time.sleep(0.01)
         return os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
 
-    def _exchange(self, pending: memoryview, out: bytearray, err: bytearray, deadline: float | None) -> None:
+    def _exchange(self, pending: memoryview, out: bytearray, err: bytearray, deadline: float | None,
+                  stdout_into: SecretBuffer | None = None) -> None:
         """Write `pending` to its stdin while reading its outputs, until both outputs end (and the
         input is written) or `deadline`. Our end of stdin does not block: poll is the one wait, so
         a child that writes before it has read all its input never dead-locks against us."""
@@ -211,10 +215,13 @@ class _Child:
                         os.close(fd)
                         self.stdin = -1
                 elif event & (select.POLLIN | select.POLLHUP | select.POLLERR):
-                    chunk = os.read(fd, 65536)
-                    if chunk:
-                        sinks[fd] += chunk
+                    if fd == self.stdout and stdout_into is not None:
+                        more = stdout_into.read_from(fd, 4096) > 0  # a secret: in place, no bytes
                     else:
+                        chunk = os.read(fd, 65536)
+                        sinks[fd] += chunk
+                        more = bool(chunk)
+                    if not more:
                         poller.unregister(fd)
                         del sinks[fd]
 
@@ -244,16 +251,19 @@ def run(
     pass_fds: Sequence[int] = (),
     timeout: float | None = None,
     check: bool = False,
+    stdout_into: SecretBuffer | None = None,
 ) -> Completed:
     """Run a program, capture its output, feed `input` on stdin.
 
     Secrets go through `input` or a pipe in `pass_fds`, never in argv. A missing program raises
     FileNotFoundError for the caller to turn into its own error. At `timeout` seconds the program
     is killed (its exit code is then -9). With `check`, an exit code other than 0 raises RunError.
+    With `stdout_into`, what the program prints is a secret: read into that buffer, not kept in
+    Completed.stdout.
     """
     argv = list(argv)
     trace("run: " + " ".join(argv))
-    done = _Child(argv, input is not None, pass_fds).collect(input, timeout)
+    done = _Child(argv, input is not None, pass_fds).collect(input, timeout, stdout_into)
     if check and done.returncode != 0:
         raise RunError(done)
     return done
