@@ -31,7 +31,9 @@ def test_enroll_then_unlock_with_no_prompt(store: str, disk: Path, key_file: Pat
     if store == "nv":
         assert token["nv_index"] == "0x01500016"
         public = tpm.tools("tpm2_nvreadpublic", "0x1500016").stdout.decode()
-        assert "policyread" in public and "authwrite" in public and "no_da" in public
+        for attribute in ("policyread", "ownerwrite", "writedefine", "writelocked", "no_da"):
+            assert attribute in public, public
+        assert "authwrite" not in public and "authread" not in public and "ownerread" not in public
     if store == "file":
         assert (tmp_path / "blob" / "key.pub").stat().st_size > 0
         assert (tmp_path / "blob" / "key.priv").stat().st_size > 0

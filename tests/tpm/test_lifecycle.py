@@ -175,6 +175,8 @@ def test_adopt_nv_index_made_by_the_archwiki_commands(disk: Path, tpm: Swtpm, tm
         done = run_cli("adopt", str(disk), "--nv", "0x2000A", "--pcrs", "sha256:0,2,3,7", tpm=tpm)
         assert done.returncode == 0, done.stderr.decode()
         assert b"DA-protected" in done.stderr
+        assert b"NV index 0x0102000a can be overwritten without the PCR policy (authwrite)" in done.stderr
+        assert b"can be read without the PCR policy" not in done.stderr  # policyread only
         (token,) = our_tokens(disk).values()
         assert token["store"] == "nv" and token["nv_index"] == "0x0102000a" and token["keyslots"] == ["1"]
         assert unlocks_unattended(disk, tpm)
@@ -183,7 +185,8 @@ def test_adopt_nv_index_made_by_the_archwiki_commands(disk: Path, tpm: Swtpm, tm
         assert done.returncode == 0, done.stderr.decode()
         (token,) = our_tokens(disk).values()
         assert token["nv_index"] == "0x0102000b" and token["keyslots"] == ["1"]
-        assert "no_da" in tpm.tools("tpm2_nvreadpublic", "0x102000b").stdout.decode()
+        moved = tpm.tools("tpm2_nvreadpublic", "0x102000b").stdout.decode()
+        assert "no_da" in moved and "writelocked" in moved and "authwrite" not in moved
         assert tpm.tools("tpm2_nvreadpublic", "0x102000a", check=False).returncode != 0
         assert unlocks_unattended(disk, tpm)
         # once the PCRs changed, an adopted key (the user's own secret) is not replaced silently

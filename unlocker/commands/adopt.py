@@ -68,6 +68,13 @@ def adopt(opts: AdoptOptions) -> Token:
             if not info.no_da:
                 say(f"NV index 0x{opts.nv_index:08x} is DA-protected: power cuts count against the TPM's "
                     "lockout; 'tpm2-unlocker reseal' moves the key to a noDA index")
+            if info.readable_without_policy:
+                say(f"NV index 0x{opts.nv_index:08x} can be read without the PCR policy (authread or ownerread "
+                    "with a password that is empty unless you set one): anyone with this TPM may read the key; "
+                    "'tpm2-unlocker reseal' moves it to an index only the policy reads")
+            if info.writable_without_policy:
+                say(f"NV index 0x{opts.nv_index:08x} can be overwritten without the PCR policy (authwrite): "
+                    "'tpm2-unlocker reseal' moves the key to a write-locked index")
             secret = tpm.nv_read(opts.nv_index, opts.selection, None)
         if policy != expected:
             secret.wipe()

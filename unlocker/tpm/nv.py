@@ -16,6 +16,11 @@ if TYPE_CHECKING:
     from unlocker.tpm.tss import CData
 
 DEFAULT_NV_INDEX = 0x01500016
+OUR_NV_ATTRIBUTES = (lib.TPMA_NV_POLICYREAD | lib.TPMA_NV_OWNERWRITE | lib.TPMA_NV_WRITEDEFINE
+                     | lib.TPMA_NV_NO_DA)
+# who else may read or write an index with an empty password, beside its policy
+_READ_WITHOUT_POLICY = lib.TPMA_NV_AUTHREAD | lib.TPMA_NV_OWNERREAD | lib.TPMA_NV_PPREAD
+_WRITE_WITHOUT_POLICY = lib.TPMA_NV_AUTHWRITE | lib.TPMA_NV_OWNERWRITE | lib.TPMA_NV_PPWRITE
 
 
 @record(frozen=True)
@@ -27,6 +32,17 @@ class NvInfo:
     attributes: int
     auth_policy: bytes
     no_da: bool
+
+    @property
+    def readable_without_policy(self) -> bool:
+        """authread/ownerread/ppread: readable with a password (empty unless someone set one)."""
+        return bool(self.attributes & _READ_WITHOUT_POLICY)
+
+    @property
+    def writable_without_policy(self) -> bool:
+        """authwrite/ppwrite, or ownerwrite without a write lock: the key can be replaced."""
+        locked = self.attributes & lib.TPMA_NV_WRITELOCKED
+        return bool(self.attributes & _WRITE_WITHOUT_POLICY) and not locked
 
 
 class NvStorage(Sessions):
@@ -61,13 +77,18 @@ class NvStorage(Sessions):
                       no_da=bool(attrs & lib.TPMA_NV_NO_DA))
 
     def nv_define_and_write(self, index: int, secret: Secret, policy: bytes) -> None:
-        """Define `index` (policyread|authwrite|no_da, like the seed's tpm2_nvdefine plus noDA) and write."""
+        """Define `index`, write the key and lock it against writes until the index is undefined.
+
+        policyread: read only through the PCR policy. ownerwrite|writedefine: written once with the
+        owner's authorization, then NV_WriteLock: nothing, not even the owner, can overwrite the key
+        (the ArchWiki recipe's authwrite with an empty password lets anyone replace it); the owner
+        can still undefine it (remove, reseal). noDA: reads never count towards lockout."""
         if self.nv_info(index) is not None:
             raise UsageError(f"NV index 0x{index:08x} is already defined (choose another with --store nv=INDEX)")
         public = tss.new("TPM2B_NV_PUBLIC *")
         public.nvPublic.nvIndex = index
         public.nvPublic.nameAlg = lib.TPM2_ALG_SHA256
-        public.nvPublic.attributes = lib.TPMA_NV_POLICYREAD | lib.TPMA_NV_AUTHWRITE | lib.TPMA_NV_NO_DA
+        public.nvPublic.attributes = OUR_NV_ATTRIBUTES
         tss.fill_tpm2b(public.nvPublic.authPolicy, policy)
         public.nvPublic.dataSize = len(secret)
         handle = tss.new("ESYS_TR *")
@@ -79,8 +100,10 @@ class NvStorage(Sessions):
         buffer = tss.new("TPM2B_MAX_NV_BUFFER *")
         tss.fill_tpm2b(buffer, secret.data)
         try:
+            # the salted session's DECRYPT flag encrypts the key on its way to the TPM
             with self._salted_session(lib.TPM2_SE_HMAC) as session:
-                self._esys.call("NV_Write", handle[0], handle[0], session, tss.NONE, tss.NONE, buffer, 0)
+                self._esys.call("NV_Write", lib.ESYS_TR_RH_OWNER, handle[0], session, tss.NONE, tss.NONE, buffer, 0)
+            self._esys.call("NV_WriteLock", lib.ESYS_TR_RH_OWNER, handle[0], tss.PASSWORD, tss.NONE, tss.NONE)
         except TssError as exc:
             self.nv_undefine(index)
             raise errors.tpm_error(exc, errors.NV_WRITE.at(index)) from None
