@@ -73,13 +73,14 @@ def write_key_file(directory: Path, data: bytes = PASSPHRASE) -> Path:
 from vm.swtpm import SRK_ATTRS  # noqa: E402
 
 
-def tpm2_tools_unseal(tpm: Swtpm, blob: Path, pcrs: str, work: Path) -> bytes:
-    """Read a file-store key with tpm2-tools (interop, and to know what must never appear elsewhere)."""
+def tpm2_tools_unseal(tpm: Swtpm, blob: Path, pcrs: str, work: Path, name: str = "key") -> bytes:
+    """Read a file-store key (the pair NAME.pub/NAME.priv) with tpm2-tools (interop, and to know what
+    must never appear elsewhere)."""
     work.mkdir(exist_ok=True)
     tpm.tools("tpm2_createprimary", "-C", "o", "--key-algorithm=ecc", f"--attributes={SRK_ATTRS}",
               f"--key-context={work / 'p.ctx'}")
-    tpm.tools("tpm2_load", f"--parent-context={work / 'p.ctx'}", f"--public={blob / 'key.pub'}",
-              f"--private={blob / 'key.priv'}", f"--key-context={work / 'k.ctx'}")
+    tpm.tools("tpm2_load", f"--parent-context={work / 'p.ctx'}", f"--public={blob / (name + '.pub')}",
+              f"--private={blob / (name + '.priv')}", f"--key-context={work / 'k.ctx'}")
     tpm.tools("tpm2_flushcontext", "-t")
     key = tpm.tools("tpm2_unseal", f"--object-context={work / 'k.ctx'}", f"--auth=pcr:{pcrs}").stdout
     tpm.tools("tpm2_flushcontext", "-t")

@@ -17,8 +17,15 @@ from unlocker.tpm.client import Tpm
 from unlocker.tpm.nv import DEFAULT_NV_INDEX
 from unlocker.tpm.seal import SealedObject
 
-PUB_NAME, PRIV_NAME = "key.pub", "key.priv"
+# A file store's pairs alternate between two names, so that a re-seal writes its new pair beside the
+# old one, which keeps working until the new enrolment is proven (the token names its pair). The
+# first is tpm2-tools' and the ArchWiki recipe's own: DIR/key.pub, DIR/key.priv.
+BLOB_NAMES = ("key", "key.2")
 PENDING = ".new"
+
+
+def blob_paths(blob_dir: str, name: str) -> tuple[str, str]:
+    return os.path.join(blob_dir, name + ".pub"), os.path.join(blob_dir, name + ".priv")
 
 
 @record(frozen=True)
@@ -28,6 +35,7 @@ class StoreSpec:
     kind: str
     nv_index: int = DEFAULT_NV_INDEX
     blob_dir: str = ""
+    blob_name: str = BLOB_NAMES[0]
 
     @classmethod
     def parse(cls, text: str) -> StoreSpec:
@@ -41,8 +49,11 @@ class StoreSpec:
         raise UsageError(f"unknown store '{text}' (use token, nv, nv=INDEX or file=DIR)")
 
     @classmethod
-    def of_token(cls, token: Token) -> StoreSpec:
-        return cls(token.store, nv_index=token.nv_index or DEFAULT_NV_INDEX, blob_dir=token.blob_dir)
+    def beside(cls, token: Token) -> StoreSpec:
+        """Where a re-seal of `token` puts its new key: the same kind of store, beside the old key
+        (the NV index after it, the other file pair), so the old one works until it is removed."""
+        other = BLOB_NAMES[1] if token.blob_name == BLOB_NAMES[0] else BLOB_NAMES[0]
+        return cls(token.store, nv_index=token.nv_index or DEFAULT_NV_INDEX, blob_dir=token.blob_dir, blob_name=other)
 
 
 @record
@@ -54,13 +65,15 @@ class Placement:
     private: bytes = b""
     nv_index: int = 0
     blob_dir: str = ""
+    blob_name: str = BLOB_NAMES[0]
 
 
 def put(tpm: Tpm, spec: StoreSpec, key: Secret, policy: bytes, *, next_free_nv: bool = False) -> Placement:
     """Seal `key` under `policy` in the store `spec` names.
 
     With `next_free_nv`, an NV store takes the first free index after the one named (re-seal writes
-    its new index beside the old one, which is removed only afterwards).
+    its new index beside the old one, which is removed only afterwards; a file store's spec from
+    StoreSpec.beside names the other pair).
     """
     if spec.kind == "nv":
         index = tpm.free_nv_index(spec.nv_index + 1) if next_free_nv else spec.nv_index
@@ -68,8 +81,8 @@ def put(tpm: Tpm, spec: StoreSpec, key: Secret, policy: bytes, *, next_free_nv: 
         return Placement("nv", nv_index=index)
     sealed = tpm.seal(key, policy)
     if spec.kind == "file":
-        write_blob_files(spec.blob_dir, sealed)
-        return Placement("file", blob_dir=spec.blob_dir)
+        write_blob_files(spec.blob_dir, spec.blob_name, sealed)
+        return Placement("file", blob_dir=spec.blob_dir, blob_name=spec.blob_name)
     return Placement("token", public=sealed.public, private=sealed.private)
 
 
@@ -80,33 +93,21 @@ def take(tpm: Tpm, token: Token) -> Secret:
     if token.store == "nv":
         return tpm.nv_read(token.nv_index, token.selection, pinned)
     if token.store == "file":
-        try:
-            return tpm.unseal(read_blob_files(token.blob_dir), token.selection, pinned)
-        except CorruptError:
-            # A re-seal interrupted between its two renames leaves the new public part pending.
-            pending = os.path.join(token.blob_dir, PUB_NAME + PENDING)
-            if not os.path.exists(pending):
-                raise
-            with open(pending, "rb") as f:
-                public = f.read()
-            return tpm.unseal(SealedObject(public, read_blob_files(token.blob_dir).private), token.selection, pinned)
+        return tpm.unseal(read_blob_pair(*blob_paths(token.blob_dir, token.blob_name)), token.selection, pinned)
     return tpm.unseal(SealedObject(token.public, token.private), token.selection, pinned)
 
 
 def destroy(tpm: Tpm | None, token: Token) -> None:
-    """Remove the sealed key a token points at (an NV index, or the blob files)."""
+    """Remove the sealed key a token points at (an NV index, or its pair of blob files)."""
     if token.store == "nv" and tpm is not None:
         tpm.nv_undefine(token.nv_index)
     elif token.store == "file":
-        for name in (PUB_NAME, PRIV_NAME, PUB_NAME + PENDING, PRIV_NAME + PENDING):
-            try:
-                os.unlink(os.path.join(token.blob_dir, name))
-            except FileNotFoundError:
-                pass
-
-
-def read_blob_files(blob_dir: str) -> SealedObject:
-    return read_blob_pair(os.path.join(blob_dir, PUB_NAME), os.path.join(blob_dir, PRIV_NAME))
+        for path in blob_paths(token.blob_dir, token.blob_name):
+            for name in (path, path + PENDING):
+                try:
+                    os.unlink(name)
+                except FileNotFoundError:
+                    pass
 
 
 def read_blob_pair(pub_path: str, priv_path: str) -> SealedObject:
@@ -122,24 +123,22 @@ def read_blob_pair(pub_path: str, priv_path: str) -> SealedObject:
     return SealedObject(parts[0], parts[1])
 
 
-def write_blob_files(blob_dir: str, sealed: SealedObject) -> None:
-    """Write key.pub/key.priv so that a crash leaves the old pair or a recoverable new one.
-
-    Both go to *.new first and are synced; then the private part is renamed into place and the
-    public part last (take() retries with the pending public part if the pair does not load).
-    """
+def write_blob_files(blob_dir: str, name: str, sealed: SealedObject) -> None:
+    """Write NAME.pub/NAME.priv: both to *.new first and synced, then renamed into place. Nothing
+    live is overwritten (a re-seal writes the pair no token names), so a crash at any point leaves
+    the old enrolment's pair as it was."""
     try:
         os.makedirs(blob_dir, mode=0o700, exist_ok=True)
-        for name, data in ((PRIV_NAME, sealed.private), (PUB_NAME, sealed.public)):
-            tmp = os.path.join(blob_dir, name + PENDING)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        paths = blob_paths(blob_dir, name)
+        for path, data in zip(paths, (sealed.public, sealed.private), strict=True):
+            fd = os.open(path + PENDING, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 os.write(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        for name in (PRIV_NAME, PUB_NAME):
-            os.rename(os.path.join(blob_dir, name + PENDING), os.path.join(blob_dir, name))
+        for path in paths:
+            os.rename(path + PENDING, path)
         dir_fd = os.open(blob_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dir_fd)

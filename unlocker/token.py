@@ -25,7 +25,8 @@ NV_INDEX_MIN, NV_INDEX_MAX = 0x01000000, 0x01FFFFFF
 
 _COMMON = {"type", "keyslots", "version", "store", "pcr_bank", "pcrs", "pcr_values", "policy_hash",
            "srk_name", "srk_public", "pin", "keyslot_owned"}
-_PER_STORE = {"token": {"tpm2_public", "tpm2_private"}, "nv": {"nv_index"}, "file": {"blob_dir"}}
+_PER_STORE = {"token": {"tpm2_public", "tpm2_private"}, "nv": {"nv_index"}, "file": {"blob_dir", "blob_name"}}
+BLOB_NAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
 _DIGITS = "0123456789"
 _LOWER_HEX = _DIGITS + "abcdef"
 _HEX = _LOWER_HEX + "ABCDEF"
@@ -66,6 +67,7 @@ class Token:
     private: bytes = b""
     nv_index: int = 0
     blob_dir: str = ""
+    blob_name: str = "key"  # the file store's pair: BLOB_DIR/NAME.pub, NAME.priv
     pin: bool = False
     keyslot_owned: bool = True  # False when adopted: the keyslot is the user's own, never removed
     token_id: int | None = field(default=None, compare=False)
@@ -93,13 +95,14 @@ class Token:
             doc["nv_index"] = f"0x{self.nv_index:08x}"
         else:
             doc["blob_dir"] = self.blob_dir
+            doc["blob_name"] = self.blob_name
         return doc
 
     def describe_store(self) -> str:
         if self.store == "nv":
             return f"nv index 0x{self.nv_index:08x}"
         if self.store == "file":
-            return f"files in {self.blob_dir}"
+            return f"files {self.blob_name}.pub/.priv in {self.blob_dir}"
         return "LUKS2 token"
 
 
@@ -190,6 +193,11 @@ def parse_token(doc: Any, token_id: int | None = None) -> Token:
         if not blob_dir.startswith("/") or "\0" in blob_dir or len(blob_dir) > 4096:
             raise CorruptError("token blob_dir is not an absolute path")
         token.blob_dir = blob_dir
+        if "blob_name" in doc:  # older tokens: the one pair, key.pub/key.priv
+            name = _need(doc, "blob_name", str)
+            if not _spelled_with(name, BLOB_NAME_CHARS, range(1, 65)) or name.startswith("."):
+                raise CorruptError("token blob_name is not a plain file name")
+            token.blob_name = name
     return token
 
 

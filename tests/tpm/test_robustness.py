@@ -149,7 +149,7 @@ def test_no_secret_in_argv_or_environment_of_cryptsetup(disk: Path, key_file: Pa
     tpm.extend(7)
     assert run_cli("reseal", str(disk), "--unlock-key-file", str(key_file), tpm=tpm, env=env).returncode == 0
     assert run_cli("unlock", str(disk), "--test", tpm=tpm, env=env).returncode == 0
-    keys.append(tpm2_tools_unseal(tpm, blob, "sha256:0,2,4,7", tmp_path / "ctx2"))
+    keys.append(tpm2_tools_unseal(tpm, blob, "sha256:0,2,4,7", tmp_path / "ctx2", name="key.2"))
     assert run_cli("remove", str(disk), "--unlock-key-file", str(key_file), tpm=tpm, env=env).returncode == 0
     recorded = log.read_bytes()
     assert b"luksAddKey" in recorded and b"--test-passphrase" in recorded and b"luksKillSlot" in recorded

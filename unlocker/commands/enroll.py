@@ -79,6 +79,7 @@ def seal_into_token(tpm: Tpm, device: LuksDevice, key: Secret, slot: int, select
     token = Token(keyslot=slot, store=placement.store, selection=selection, pcr_values=values,
                   policy_hash=policy, srk_name=tpm.srk_name(), srk_public=tpm.srk_public(), public=placement.public,
                   private=placement.private, nv_index=placement.nv_index, blob_dir=placement.blob_dir,
+                  blob_name=placement.blob_name,
                   keyslot_owned=keyslot_owned)
     undo.push("remove the sealed key", lambda: store.destroy(tpm, token))
     device.import_token(token)

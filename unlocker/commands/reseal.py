@@ -49,13 +49,12 @@ def _reseal_one(tpm: Tpm, device: LuksDevice, old: Token, opts: ResealOptions) -
             device.add_key(passphrase, key, slot)
             undo.push(f"remove keyslot {slot}", lambda: device.kill_slot(slot, passphrase))  # type: ignore[arg-type]
         with key:
-            token = seal_into_token(tpm, device, key, slot, selection, StoreSpec.of_token(old), undo,
+            token = seal_into_token(tpm, device, key, slot, selection, StoreSpec.beside(old), undo,
                                     keyslot_owned=old.keyslot_owned, next_free_nv=True)
             prove(tpm, device, token, key)
     # The new enrolment works: now remove the old one, token first.
     device.remove_token(old.token_id if old.token_id is not None else -1)
-    if old.store != "file":  # file stores were replaced in place
-        store.destroy(tpm, old)
+    store.destroy(tpm, old)
     if new_slot and passphrase is not None:
         with passphrase:
             device.kill_slot(old.keyslot, passphrase)
