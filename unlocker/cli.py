@@ -97,13 +97,17 @@ def verb_adopt(opts: argparse.Namespace) -> int:
 def verb_unpack(opts: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from unlocker.commands.unpack import SYSTEM_LIBRARIES, unpack
+    from unlocker.commands.unpack import SYSTEM_LIBRARIES, blob_dirs, unpack
 
     if opts.libraries:
         print("\n".join(SYSTEM_LIBRARIES))
         return EXIT_OK
+    if opts.blob_dirs:
+        for folder in blob_dirs():
+            print(folder)
+        return EXIT_OK
     if opts.dir is None:
-        raise UsageError("unpack needs DIR (or --libraries)")
+        raise UsageError("unpack needs DIR (or --libraries, --blob-dirs)")
     done = unpack(Path(opts.dir))
     if done.checked:
         say(f"unpacked into {opts.dir}: run {done.program}")

@@ -132,6 +132,8 @@ VERBS: tuple[Verb, ...] = (
              Arg("dir", "an empty or new directory", nargs="?", metavar="DIR"),
              Arg("--libraries", "print the system libraries the program needs in an image, one per line "
                  "(the hooks install them)", flag=True),
+             Arg("--blob-dirs", "print the directories of this machine's file-store enrolments, one per line "
+                 "(the hooks put them into the image: the boot reads the sealed key there)", flag=True),
              DEBUG)),
 )
 

@@ -39,6 +39,13 @@ install() {
     fi
     # shellcheck disable=SC2086
     inst_libdir_file $libs
+    # file-store enrolments: the boot reads their sealed key where the token says
+    local dir file
+    for dir in $("$TPM2_UNLOCKER_BINARY" unpack --blob-dirs); do
+        for file in "$dir"/*; do
+            [[ -f $file ]] && inst_simple "$file"
+        done
+    done
     if dracut_module_included "systemd"; then
         inst_simple "$moddir/tpm2-unlocker.service" "$systemdsystemunitdir/tpm2-unlocker.service"
         mkdir -p "$initdir$systemdsystemunitdir/sysinit.target.wants"

@@ -54,3 +54,17 @@ def test_a_reseal_of_a_file_store_writes_a_new_pair_and_drops_the_old(disk: Path
         assert done.returncode == 0, done.stderr
         assert sorted(p.name for p in blob.iterdir()) == names
         assert run_cli("unlock", str(disk), "--test", "--tries", "0", tpm=tpm).returncode == 0
+
+
+def test_unpack_names_the_blob_directories_of_file_store_enrolments(disk: Path, key_file: Path, tpm: Swtpm,
+                                                                    tmp_path: Path) -> None:
+    from helpers import make_luks_image
+
+    from unlocker.commands.unpack import blob_dirs
+
+    other = make_luks_image(tmp_path / "other.img")
+    enroll(disk, key_file, tpm, "--store", f"file={tmp_path / 'blob'}")
+    enroll(other, key_file, tpm)  # a token store: nothing to carry
+    plain = tmp_path / "plain"
+    plain.write_bytes(bytes(8192))
+    assert blob_dirs([str(disk), str(other), str(plain), str(tmp_path / "gone")]) == [str(tmp_path / "blob")]

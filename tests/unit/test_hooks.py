@@ -18,7 +18,8 @@ map() { local f=$1; shift; for a in "$@"; do "$f" "$a"; done; }
 """
 
 
-def run_install(tmp_path: Path, func: str, unpack_rc: int = 0) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+def run_install(tmp_path: Path, func: str, unpack_rc: int = 0,
+                blob_dirs: str = "") -> tuple[subprocess.CompletedProcess[str], list[str]]:
     """The install script's `func` with the add_* functions stubbed, and for the binary a script
     that records its arguments (the real `unpack` is tested on the frozen binary, tests/vm)."""
     log = tmp_path / "calls.log"
@@ -26,11 +27,13 @@ def run_install(tmp_path: Path, func: str, unpack_rc: int = 0) -> tuple[subproce
     libraries = subprocess.run([sys.executable, "-m", "unlocker.cli", "unpack", "--libraries"],
                                capture_output=True, text=True, check=True).stdout
     binary.write_text(f'#!/bin/sh\necho "binary $*" >> "$LOG"\n'
-                      f'[ "$*" = "unpack --libraries" ] && {{ printf %s "{libraries}"; exit 0; }}\nexit {unpack_rc}\n')
+                      f'[ "$*" = "unpack --libraries" ] && {{ printf %s "{libraries}"; exit 0; }}\n'
+                      f'[ "$*" = "unpack --blob-dirs" ] && {{ printf %s "$BLOB_DIRS"; exit 0; }}\nexit {unpack_rc}\n')
     binary.chmod(0o755)
     script = f"{STUBS}\nerror() {{ echo \"ERROR: $*\"; }}\n. '{INSTALL}'\n{func}\n"
     done = subprocess.run(["bash", "-uc", script], capture_output=True, text=True,
                           env={"LOG": str(log), "PATH": "/usr/bin:/bin", "TPM2_UNLOCKER_BINARY": str(binary),
+                               "BLOB_DIRS": blob_dirs,
                                "BUILDROOT": "/build/root"})
     calls = [line.strip() for line in log.read_text().splitlines()] if log.exists() else []
     return done, calls
@@ -231,3 +234,14 @@ def test_the_unit_counts_a_usage_error_or_a_bug_as_failure() -> None:
     [line] = [line for line in unit.splitlines() if line.startswith("SuccessExitStatus=")]
     codes = set(line.split("=", 1)[1].split())
     assert codes == {"2", "3", "4", "5", "6", "7", "8"}  # TPM refusals: systemd-cryptsetup asks next
+
+
+def test_the_image_carries_the_file_store_directories_the_binary_names(tmp_path: Path) -> None:
+    done, calls = run_install(tmp_path, "build", blob_dirs="/etc/tpm2-unlocker/blobs\n/boot/keys\n")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "add_full_dir /etc/tpm2-unlocker/blobs" in calls and "add_full_dir /boot/keys" in calls
+    (tmp_path / "none").mkdir()
+    _, calls = run_install(tmp_path / "none", "build")  # no file-store enrolment on the machine
+    assert not any(c.startswith("add_full_dir") for c in calls)
+    setup = (REPO / "dracut" / "90tpm2-unlocker" / "module-setup.sh").read_text()
+    assert '"$TPM2_UNLOCKER_BINARY" unpack --blob-dirs' in setup

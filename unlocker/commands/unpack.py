@@ -7,7 +7,8 @@ DIR/tpm2-unlocker (PyInstaller's bootloader in its one-folder mode, with the sam
 options, built beside the one file and carried inside it) and DIR/_internal (the libraries the one
 file carries). The distributable stays the one file.
 
-`unpack --libraries` lists what the unpacked program takes from the system, for both hooks.
+`unpack --libraries` lists what the unpacked program takes from the system, and `unpack --blob-dirs`
+the file-store directories the image must carry, for both hooks.
 """
 
 from __future__ import annotations
@@ -88,3 +89,27 @@ def unpack(dest: Path) -> Unpacked:
             program.unlink()
         raise
     return Unpacked(program, checked=True)
+
+
+def blob_dirs(devices: list[str] | None = None) -> list[str]:
+    """The directories of the file-store enrolments on `devices` (default: every block device): an
+    initramfs must carry them to unseal those keys at boot (both hooks add them). A header or token
+    that cannot be read is passed over: it names nothing to carry."""
+    from unlocker.boot.devices import block_devices, read_luks_header
+    from unlocker.errors import UnlockerError
+    from unlocker.luks import LuksDevice
+    from unlocker.token import Token
+
+    found: set[str] = set()
+    for path in block_devices() if devices is None else devices:
+        header = read_luks_header(path)
+        if header is None or header[1] is None:
+            continue
+        try:
+            device = LuksDevice(path)
+            device.seed_metadata(header[1])
+            tokens = device.our_tokens()
+        except UnlockerError:
+            continue
+        found.update(t.blob_dir for _, t in tokens if isinstance(t, Token) and t.store == "file")
+    return sorted(found)
