@@ -27,9 +27,18 @@ def verb_enroll(opts: argparse.Namespace) -> int:
     from unlocker.commands.enroll import EnrollOptions, enroll
     from unlocker.store import StoreSpec
 
-    token = enroll(EnrollOptions(opts.device, opts.pcrs, StoreSpec.parse(opts.store), opts.unlock_key_file, opts.tcti))
+    token = enroll(EnrollOptions(opts.device, opts.pcrs, StoreSpec.parse(opts.store), opts.unlock_key_file, opts.tcti,
+                                 recovery_key=opts.recovery_key))
     say(f"{opts.device}: enrolled keyslot {token.keyslot} sealed to {token.selection} "
         f"({token.describe_store()}, token {token.token_id}); the passphrase still opens the disk")
+    return EXIT_OK
+
+
+def verb_recovery_key(opts: argparse.Namespace) -> int:
+    from unlocker.commands.recovery import recovery_key
+
+    slot = recovery_key(opts.device, opts.unlock_key_file)
+    say(f"{opts.device}: recovery key added in keyslot {slot}")
     return EXIT_OK
 
 
@@ -74,7 +83,7 @@ def verb_status(opts: argparse.Namespace) -> int:
 def verb_remove(opts: argparse.Namespace) -> int:
     from unlocker.commands.remove import RemoveOptions, remove
 
-    count = remove(RemoveOptions(opts.device, opts.unlock_key_file, opts.tcti))
+    count = remove(RemoveOptions(opts.device, opts.unlock_key_file, opts.tcti, recovery_key=opts.recovery_key))
     say(f"{opts.device}: removed {count} enrolment(s); the passphrase opens the disk")
     return EXIT_OK
 
@@ -117,7 +126,7 @@ def verb_unpack(opts: argparse.Namespace) -> int:
 
 
 VERB_FUNCTIONS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "enroll": verb_enroll, "unlock": verb_unlock, "reseal": verb_reseal, "status": verb_status,
+    "enroll": verb_enroll, "recovery-key": verb_recovery_key, "unlock": verb_unlock, "reseal": verb_reseal, "status": verb_status,
     "remove": verb_remove, "adopt": verb_adopt, "unpack": verb_unpack,
 }
 

@@ -212,16 +212,20 @@ class LuksDevice:
     # --- tokens ---------------------------------------------------------------------------------
     def import_token(self, token: Token) -> int:
         """Write `token` under a free token id and return the id."""
+        token.token_id = self.import_document(token.to_json())
+        return token.token_id
+
+    def import_document(self, document: dict[str, Any]) -> int:
+        """Write a token's JSON object under a free token id and return the id."""
         import json  # enrolment only: not imported on the boot path
 
         tid = self.free_token_id()
-        doc = json.dumps(token.to_json(), separators=(",", ":")).encode()
+        doc = json.dumps(document, separators=(",", ":")).encode()
         try:
             self._must(["token", "import", "--json-file", "-", "--token-id", str(tid), "--", self.path],
                        "writing the LUKS2 token", input=doc)
         finally:
             self._meta = None
-        token.token_id = tid
         return tid
 
     def remove_token(self, token_id: int) -> None:

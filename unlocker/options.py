@@ -93,7 +93,13 @@ VERBS: tuple[Verb, ...] = (
             PcrSelection.parse(DEFAULT_PCRS)),
         Arg("--store", "token (default), nv[=INDEX] or file=DIR", default="token"),
         Arg(UNLOCK_KEY_FILE, "existing passphrase/key file ('-' for stdin)", metavar="FILE"),
+        Arg("--recovery-key", "also add a recovery key (shown once) in a keyslot of its own", flag=True),
         TCTI, DEBUG)),
+    Verb("recovery-key", "add a recovery key (shown once, as text and QR code) in a keyslot of its own: it "
+         "opens the disk at the passphrase prompt when the TPM cannot", (
+             Arg("device"),
+             Arg(UNLOCK_KEY_FILE, "existing passphrase/key file ('-' for stdin)", metavar="FILE"),
+             DEBUG)),
     Verb("unlock", "unseal the key and open the disk; else ask for the passphrase. Without DEVICE (at boot): "
          "every device named by rd.luks.uuid=/rd.luks.name=/cryptdevice=, else in /etc/crypttab, else every "
          "LUKS2 device with a tpm2-unlocker token", (
@@ -120,6 +126,7 @@ VERBS: tuple[Verb, ...] = (
     Verb("remove", "remove our keyslot, token and NV index (never the last other keyslot)", (
         Arg("device"),
         Arg(UNLOCK_KEY_FILE, "passphrase/key file of a keyslot that stays", metavar="FILE"),
+        Arg("--recovery-key", "also remove the recovery key (kept otherwise)", flag=True),
         TCTI, DEBUG)),
     Verb("adopt", "take over an object or NV index sealed with tpm2-tools (ArchWiki recipe)", (
         Arg("device"),

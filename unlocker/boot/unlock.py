@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from unlocker import TYPE_CHECKING, store
+from unlocker import TYPE_CHECKING, recovery, store
 from unlocker.boot.connection import TpmConnection
 from unlocker.boot.prompt import ask_passphrase
 from unlocker.errors import (
@@ -199,6 +199,11 @@ def unlock(opts: UnlockRequest, context: BootContext = NO_CONTEXT, metadata: dic
             raise failure(f"{opts.device}: not unlocked (no passphrase given)")
         with passphrase:
             ok = open_or_test(device, passphrase, name, None, test=opts.test, context=context)
+            if not ok:  # a recovery key typed without its dashes, with spaces or capitals
+                retyped = recovery.normalize(passphrase)
+                if retyped is not None:
+                    with retyped:
+                        ok = open_or_test(device, retyped, name, None, test=opts.test, context=context)
         if ok:
             say(f"{opts.device}: unlocked with the passphrase" + (" (test only)" if opts.test else f" as {name}"))
             return

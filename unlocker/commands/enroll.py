@@ -31,6 +31,7 @@ class EnrollOptions:
     spec: StoreSpec
     unlock_key_file: str | None
     tcti: str | None
+    recovery_key: bool = False
 
 
 class Undo:
@@ -104,4 +105,14 @@ def enroll(opts: EnrollOptions) -> Token:
             undo.push(f"remove keyslot {slot}", lambda: device.kill_slot(slot, passphrase))
             token = seal_into_token(tpm, device, key, slot, opts.selection, opts.spec, undo)
             prove(tpm, device, token, key)
+            recovery = None
+            if opts.recovery_key:
+                from unlocker.commands.recovery import add_recovery_key
+
+                recovery = add_recovery_key(device, passphrase, undo)
+    if recovery is not None:
+        from unlocker.commands.recovery import show
+
+        with recovery[1] as text:
+            show(opts.device, recovery[0], text)
     return token

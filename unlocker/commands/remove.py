@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from unlocker import store
 from unlocker.commands.passphrase import existing_passphrase
+from unlocker.commands.recovery import recovery_slots
 from unlocker.errors import CorruptError, NoTpmError, UnlockerError, UsageError
 from unlocker.log import say
 from unlocker.luks import LuksDevice
@@ -24,6 +25,7 @@ class RemoveOptions:
     device: str
     unlock_key_file: str | None
     tcti: str | None
+    recovery_key: bool = False
 
 
 def remove(opts: RemoveOptions) -> int:
@@ -31,9 +33,11 @@ def remove(opts: RemoveOptions) -> int:
     device = LuksDevice(opts.device)
     device.metadata()
     tokens = device.our_tokens()
-    if not tokens:
-        raise UsageError(f"{opts.device} has no tpm2-unlocker enrolment")
-    ours = {t.keyslot for _, t in tokens if isinstance(t, Token) and t.keyslot_owned}
+    recovery = recovery_slots(device) if opts.recovery_key else []
+    if not tokens and not recovery:
+        raise UsageError(f"{opts.device} has no tpm2-unlocker enrolment"
+                         + (" or recovery key" if opts.recovery_key else ""))
+    ours = {t.keyslot for _, t in tokens if isinstance(t, Token) and t.keyslot_owned} | {s for _, s in recovery}
     others = [s for s in device.keyslots() if s not in ours]
     if not others:
         raise UsageError(f"{opts.device}: refusing to remove keyslot(s) {sorted(ours)}: "
@@ -57,7 +61,11 @@ def remove(opts: RemoveOptions) -> int:
                     except UnlockerError as exc:
                         say(f"could not remove the sealed key ({exc})")
                 device.remove_token(tid)
+            for tid, slot in recovery:  # only when asked: it is the user's way in when the TPM fails
+                if slot in device.keyslots():
+                    device.kill_slot(slot, passphrase)
+                device.remove_token(tid)
     finally:
         if tpm is not None:
             tpm.close()
-    return len(tokens)
+    return len(tokens) + len(recovery)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from unlocker.commands.recovery import recovery_slots
 from unlocker.errors import CorruptError, UnlockerError
 from unlocker.luks import LuksDevice
 from unlocker.token import Token
@@ -42,6 +43,7 @@ class Status:
     in_lockout: bool = False
     device: str | None = None
     enrolments: list[EnrolmentStatus] = field(default_factory=list)
+    recovery_keyslots: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,6 +78,7 @@ def status(device_path: str | None, tcti: str | None) -> Status:
             device = LuksDevice(device_path)
             device.metadata()
             result.enrolments = [_enrolment(tpm, tid, t) for tid, t in device.our_tokens()]
+            result.recovery_keyslots = [slot for _, slot in recovery_slots(device)]
     finally:
         if tpm is not None:
             tpm.close()
@@ -107,4 +110,6 @@ def render(result: Status) -> str:
             owner = "" if e.keyslot_owned else " (adopted: the keyslot is yours)"
             lines.append(f"{result.device}: token {e.token_id}: keyslot {e.keyslot}{owner}, {e.location}, "
                          f"PCRs {e.pcrs}: {state}")
+        for slot in result.recovery_keyslots:
+            lines.append(f"{result.device}: recovery key in keyslot {slot}")
     return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""The recovery key: shown once, opens the disk at the prompt when the TPM cannot, and stays when
+the TPM enrolment is removed unless asked."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from helpers import PASSPHRASE, Swtpm, luks_json, opens, our_tokens, run_cli, unlock_with_prompt
+from helpers import enroll_or_fail as enroll
+
+pytestmark = pytest.mark.tpm
+
+KEY = re.compile(rb"^    ((?:[cbdefghijklnrtuv]{8}-){7}[cbdefghijklnrtuv]{8})$", re.M)
+
+
+def recovery_tokens(disk: Path) -> list[dict]:
+    return [t for t in luks_json(disk).get("tokens", {}).values() if t.get("type") == "tpm2-unlocker-recovery"]
+
+
+def test_enrol_with_a_recovery_key_shows_it_once_and_it_opens_the_disk(disk: Path, key_file: Path,
+                                                                       tpm: Swtpm) -> None:
+    done = run_cli("enroll", str(disk), "--unlock-key-file", str(key_file), "--recovery-key", tpm=tpm)
+    assert done.returncode == 0, done.stderr
+    [key] = KEY.findall(done.stdout)
+    assert b"it is shown only this once" in done.stdout
+    assert "█".encode() in done.stdout  # the QR code (qrencode is installed by ./run setup)
+    assert key not in done.stderr
+    [token] = recovery_tokens(disk)
+    assert opens(disk, key, slot=int(token["keyslots"][0]))
+    assert len(our_tokens(disk)) == 1 and opens(disk, PASSPHRASE, slot=0)
+    status = run_cli("status", str(disk), tpm=tpm)
+    assert f"recovery key in keyslot {token['keyslots'][0]}".encode() in status.stdout
+
+
+@pytest.mark.parametrize("typing", ["as shown", "without dashes", "in capitals"])
+def test_the_tpm_fails_the_recovery_key_typed_opens(typing: str, disk: Path, key_file: Path, tpm: Swtpm) -> None:
+    enroll(disk, key_file, tpm, "--pcrs", "sha256:7")
+    done = run_cli("recovery-key", str(disk), "--unlock-key-file", str(key_file))
+    assert done.returncode == 0, done.stderr
+    [key] = KEY.findall(done.stdout)
+    typed = {"as shown": key, "without dashes": key.replace(b"-", b""), "in capitals": key.upper()}[typing]
+    tpm.extend(7)
+    assert unlock_with_prompt(disk, tpm.tcti, "PCR 7 changed since enrolment", typed) == 0
+
+
+def test_remove_keeps_the_recovery_key_unless_asked(disk: Path, key_file: Path, tpm: Swtpm) -> None:
+    enroll(disk, key_file, tpm)
+    [key] = KEY.findall(run_cli("recovery-key", str(disk), "--unlock-key-file", str(key_file)).stdout)
+    assert run_cli("remove", str(disk), "--unlock-key-file", str(key_file), tpm=tpm).returncode == 0
+    assert our_tokens(disk) == {} and len(recovery_tokens(disk)) == 1 and opens(disk, key)
+    # the recovery key itself may not authorise its own removal: another keyslot must stay
+    refused = run_cli("remove", str(disk), "--recovery-key", "--unlock-key-file", "-", input=key)
+    assert refused.returncode == 1, refused.stderr
+    assert recovery_tokens(disk) and opens(disk, key)
+    removed = run_cli("remove", str(disk), "--recovery-key", "--unlock-key-file", str(key_file))
+    assert removed.returncode == 0, removed.stderr
+    assert recovery_tokens(disk) == [] and not opens(disk, key) and opens(disk, PASSPHRASE)
+
+
+def test_a_second_recovery_key_is_refused_and_changes_nothing(disk: Path, key_file: Path) -> None:
+    assert run_cli("recovery-key", str(disk), "--unlock-key-file", str(key_file)).returncode == 0
+    before = luks_json(disk)
+    done = run_cli("recovery-key", str(disk), "--unlock-key-file", str(key_file))
+    assert done.returncode == 1
+    assert b"has a recovery key already (remove --recovery-key first)" in done.stderr
+    assert luks_json(disk) == before
