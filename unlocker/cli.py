@@ -14,7 +14,7 @@ import sys
 from types import SimpleNamespace
 
 from unlocker import TYPE_CHECKING, __version__, initrd, options
-from unlocker.errors import EXIT_INTERNAL, EXIT_OK, UnlockerError, UsageError
+from unlocker.errors import EXIT_INTERNAL, EXIT_OK, NoTpmError, UnlockerError, UsageError
 from unlocker.log import debug_on_cmdline, hint, say, set_debug, trace
 
 if TYPE_CHECKING:
@@ -28,7 +28,8 @@ def verb_enroll(opts: argparse.Namespace) -> int:
     from unlocker.store import StoreSpec
 
     token = enroll(EnrollOptions(opts.device, opts.pcrs, StoreSpec.parse(opts.store), opts.unlock_key_file, opts.tcti,
-                                 recovery_key=opts.recovery_key))
+                                 recovery_key=opts.recovery_key,
+                                 lock_pcr=None if opts.lock_pcr == options.NO_LOCK else opts.lock_pcr))
     say(f"{opts.device}: enrolled keyslot {token.keyslot} sealed to {token.selection} "
         f"({token.describe_store()}, token {token.token_id}); the passphrase still opens the disk")
     return EXIT_OK
@@ -51,17 +52,31 @@ def verb_unlock(opts: argparse.Namespace) -> int:
     if opts.device is None:
         if opts.test or opts.name:
             raise UsageError("--test and NAME need a DEVICE")
-        unlock_at_boot(BootOptions(opts.tries, opts.tcti, opts.timeout, use_tpm=not opts.no_tpm))
+        unlock_at_boot(BootOptions(opts.tries, opts.tcti, opts.timeout, use_tpm=not opts.no_tpm,
+                                   defer_lock=opts.defer_lock))
     else:
         unlock(UnlockRequest(opts.device, opts.name, test=opts.test, tries=opts.tries, tcti=opts.tcti,
                              use_tpm=not opts.no_tpm))
     return EXIT_OK
 
 
-def verb_reseal(opts: argparse.Namespace) -> int:
-    from unlocker.commands.reseal import ResealOptions, reseal
+def verb_lock(opts: argparse.Namespace) -> int:
+    from unlocker.boot.lock import LOCK_EVENT, lock, locked
 
-    for token in reseal(ResealOptions(opts.device, opts.pcrs, opts.unlock_key_file, opts.tcti)):
+    if locked():
+        trace("lock: a run of this boot extended the lock PCR already")
+        return EXIT_OK
+    if not lock(None, set(), [LOCK_EVENT], opts.tcti):
+        raise NoTpmError("the lock PCR was not extended").as_said()
+    say("the lock PCR is extended: no key unseals until the next boot")
+    return EXIT_OK
+
+
+def verb_reseal(opts: argparse.Namespace) -> int:
+    from unlocker.commands.reseal import KEEP, ResealOptions, reseal
+
+    lock = KEEP if opts.lock_pcr is None else None if opts.lock_pcr == options.NO_LOCK else opts.lock_pcr
+    for token in reseal(ResealOptions(opts.device, opts.pcrs, opts.unlock_key_file, opts.tcti, lock_pcr=lock)):
         say(f"{opts.device}: re-sealed keyslot {token.keyslot} to the current values of {token.selection} "
             f"({token.describe_store()}, token {token.token_id})")
     return EXIT_OK
@@ -126,7 +141,8 @@ def verb_unpack(opts: argparse.Namespace) -> int:
 
 
 VERB_FUNCTIONS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "enroll": verb_enroll, "recovery-key": verb_recovery_key, "unlock": verb_unlock, "reseal": verb_reseal, "status": verb_status,
+    "enroll": verb_enroll, "recovery-key": verb_recovery_key, "unlock": verb_unlock, "lock": verb_lock,
+    "reseal": verb_reseal, "status": verb_status,
     "remove": verb_remove, "adopt": verb_adopt, "unpack": verb_unpack,
 }
 

@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 
 DEFAULT_TRIES = 3
 DEFAULT_TIMEOUT = 30.0
+# PCR 15: reset to zeros at every boot and measured by no firmware or boot loader (systemd's
+# cryptsetup uses it for the same purpose)
+DEFAULT_LOCK_PCR = 15
+NO_LOCK = "none"
 
 
 def count(option: str) -> Callable[[str], int]:
@@ -46,6 +50,15 @@ def seconds(option: str) -> Callable[[str], float]:
 
 def pcr_selection(text: str) -> PcrSelection:
     return PcrSelection.parse(text)
+
+
+def lock_pcr(text: str) -> int | str:
+    """A PCR number 0-23, or "none" (no lock PCR)."""
+    if text == NO_LOCK:
+        return NO_LOCK
+    if not text.isdigit() or not 0 <= int(text) < 24:
+        raise UsageError(f"--lock-pcr takes a PCR number 0-23 or '{NO_LOCK}', not '{text}'")
+    return int(text)
 
 
 @record(frozen=True)
@@ -94,6 +107,9 @@ VERBS: tuple[Verb, ...] = (
         Arg("--store", "token (default), nv[=INDEX] or file=DIR", default="token"),
         Arg(UNLOCK_KEY_FILE, "existing passphrase/key file ('-' for stdin)", metavar="FILE"),
         Arg("--recovery-key", "also add a recovery key (shown once) in a keyslot of its own", flag=True),
+        Arg("--lock-pcr", f"PCR the initramfs extends once the disks are open, bound to its reset value: no "
+            f"unseal after that in this boot (default {DEFAULT_LOCK_PCR}; '{NO_LOCK}': no lock)", lock_pcr,
+            DEFAULT_LOCK_PCR, metavar="N"),
         TCTI, DEBUG)),
     Verb("recovery-key", "add a recovery key (shown once, as text and QR code) in a keyslot of its own: it "
          "opens the disk at the passphrase prompt when the TPM cannot", (
@@ -113,11 +129,17 @@ VERBS: tuple[Verb, ...] = (
                  seconds("--timeout"), DEFAULT_TIMEOUT, kernel_param="tpm2_unlocker.timeout", boot=True),
              Arg("--no-tpm", "ask for the passphrase without trying the TPM (a first run with --tries 0 tried "
                  "it and said why it failed)", flag=True, boot=True),
+             Arg("--defer-lock", "when a device is not there yet, leave extending the lock PCR to the next run "
+                 "(the busybox hook's early run: its second run locks)", flag=True, boot=True),
              TCTI, DEBUG)),
+    Verb("lock", "extend the lock PCR now, unless a run of this boot did: nothing unseals after it until the "
+         "next boot (the images' last step before the root)", (TCTI, DEBUG)),
     Verb("reseal", "seal the key to the current PCR values (after an update)", (
         Arg("device"),
         Arg("--pcrs", "new PCR selection (default: keep the enrolled one)", pcr_selection),
         Arg(UNLOCK_KEY_FILE, "passphrase/key file, if the old key fails", metavar="FILE"),
+        Arg("--lock-pcr", f"new lock PCR, or '{NO_LOCK}' (default: keep the enrolled one; an enrolment without "
+            f"one gains PCR {DEFAULT_LOCK_PCR})", lock_pcr, metavar="N"),
         TCTI, DEBUG)),
     Verb("status", "TPM facts and whether each enrolment's policy holds now", (
         Arg("device", nargs="?"),

@@ -15,7 +15,7 @@ from unlocker.secret import Secret
 from unlocker.token import Token, parse_nv_index
 from unlocker.tpm.client import Tpm
 from unlocker.tpm.nv import DEFAULT_NV_INDEX
-from unlocker.tpm.seal import SealedObject
+from unlocker.tpm.seal import SealedObject, sealed_auth_policy
 
 # A file store's pairs alternate between two names, so that a re-seal writes its new pair beside the
 # old one, which keeps working until the new enrolment is proven (the token names its pair). The
@@ -89,12 +89,29 @@ def put(tpm: Tpm, spec: StoreSpec, key: Secret, policy: bytes, *, next_free_nv: 
 def take(tpm: Tpm, token: Token) -> Secret:
     """Unseal the key a token points at, over a session salted with the SRK the token pinned.
     Raises PolicyError, CorruptError, LockoutError, NoTpmError."""
-    pinned = token.srk_name
+    pinned, selection = token.srk_name, token.policy_selection()
     if token.store == "nv":
-        return tpm.nv_read(token.nv_index, token.selection, pinned)
+        return tpm.nv_read(token.nv_index, selection, pinned)
     if token.store == "file":
-        return tpm.unseal(read_blob_pair(*blob_paths(token.blob_dir, token.blob_name)), token.selection, pinned)
-    return tpm.unseal(SealedObject(token.public, token.private), token.selection, pinned)
+        return tpm.unseal(read_blob_pair(*blob_paths(token.blob_dir, token.blob_name)), selection, pinned)
+    return tpm.unseal(SealedObject(token.public, token.private), selection, pinned)
+
+
+def check_placement(tpm: Tpm, token: Token) -> None:
+    """Without unsealing: the sealed key the token points at carries the token's policy, and (a
+    sealed object) loads under the SRK the token pinned. CorruptError when not."""
+    if token.store == "nv":
+        info = tpm.nv_info(token.nv_index)
+        if info is None or info.auth_policy != token.policy_hash:
+            raise CorruptError(f"NV index 0x{token.nv_index:08x} does not hold the enrolment's policy")
+        return
+    if token.store == "file":
+        sealed = read_blob_pair(*blob_paths(token.blob_dir, token.blob_name))
+    else:
+        sealed = SealedObject(token.public, token.private)
+    if sealed_auth_policy(sealed) != token.policy_hash:
+        raise CorruptError("the sealed object does not carry the enrolment's policy")
+    tpm.load_check(sealed, token.srk_name)
 
 
 def destroy(tpm: Tpm | None, token: Token) -> None:

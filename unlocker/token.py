@@ -24,7 +24,7 @@ MAX_BLOB = 4096  # a sealed object's TPM2B_PUBLIC/PRIVATE are a few hundred byte
 NV_INDEX_MIN, NV_INDEX_MAX = 0x01000000, 0x01FFFFFF
 
 _COMMON = {"type", "keyslots", "version", "store", "pcr_bank", "pcrs", "pcr_values", "policy_hash",
-           "srk_name", "srk_public", "pin", "keyslot_owned"}
+           "srk_name", "srk_public", "pin", "keyslot_owned", "lock_pcr"}
 _PER_STORE = {"token": {"tpm2_public", "tpm2_private"}, "nv": {"nv_index"}, "file": {"blob_dir", "blob_name"}}
 BLOB_NAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
 _DIGITS = "0123456789"
@@ -70,6 +70,9 @@ class Token:
     blob_name: str = "key"  # the file store's pair: BLOB_DIR/NAME.pub, NAME.priv
     pin: bool = False
     keyslot_owned: bool = True  # False when adopted: the keyslot is the user's own, never removed
+    # the PCR the initramfs extends once the disks are open, bound to its reset value: no unseal
+    # after that in this boot (None: an adopted object's own policy, or an older enrolment)
+    lock_pcr: int | None = None
     token_id: int | None = field(default=None, compare=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -86,6 +89,8 @@ class Token:
             "pin": self.pin,
             "keyslot_owned": self.keyslot_owned,
         }
+        if self.lock_pcr is not None:
+            doc["lock_pcr"] = self.lock_pcr
         if self.srk_public:
             doc["srk_public"] = binascii.b2a_base64(self.srk_public, newline=False).decode()
         if self.store == "token":
@@ -97,6 +102,18 @@ class Token:
             doc["blob_dir"] = self.blob_dir
             doc["blob_name"] = self.blob_name
         return doc
+
+    def policy_selection(self) -> PcrSelection:
+        """The PCRs the policy binds: the enrolled ones and the lock PCR."""
+        if self.lock_pcr is None:
+            return self.selection
+        return PcrSelection(self.selection.bank, tuple(sorted({*self.selection.pcrs, self.lock_pcr})))
+
+    def expected_values(self) -> dict[int, bytes]:
+        """The values the policy binds them to: the lock PCR's is its reset value (zeros)."""
+        if self.lock_pcr is None:
+            return dict(self.pcr_values)
+        return {**self.pcr_values, self.lock_pcr: bytes(self.selection.digest_size)}
 
     def describe_store(self) -> str:
         if self.store == "nv":
@@ -178,6 +195,11 @@ def parse_token(doc: Any, token_id: int | None = None) -> Token:
     )
     if "srk_public" in doc:
         token.srk_public = _b64(_need(doc, "srk_public", str), "srk_public")
+    if "lock_pcr" in doc:
+        lock = _need(doc, "lock_pcr", int)
+        if not 0 <= lock < PCR_COUNT or lock in selection.pcrs:
+            raise CorruptError("token lock_pcr is not a PCR 0-23 apart from its PCR list")
+        token.lock_pcr = lock
     if store == "token":
         token.public = _b64(_need(doc, "tpm2_public", str), "tpm2_public")
         token.private = _b64(_need(doc, "tpm2_private", str), "tpm2_private")

@@ -102,5 +102,6 @@ def build_mkinitcpio_busybox(kernel: Kernel, binary: Path, out: Path, *, udev: b
          "udev" if udev else "bare"],
         env={"TPM2_UNLOCKER_BINARY": str(binary), "TPM2_UNLOCKER_UNIT": str(DRACUT_MODULE / "tpm2-unlocker.service"),
              "TPM2_UNLOCKER_SKIP_CONF": str(DRACUT_MODULE / "systemd-cryptsetup-skip.conf"),
+             "TPM2_UNLOCKER_LOCK_UNIT": str(DRACUT_MODULE / "tpm2-unlocker-lock.service"),
              "PATH": os.environ["PATH"] + ":/usr/sbin:/sbin"})
     return Initramfs(out, "mkinitcpio-busybox" + ("" if udev else "-bare"), time.monotonic() - started)

@@ -53,7 +53,16 @@ install() {
             "$systemdsystemunitdir/sysinit.target.wants/tpm2-unlocker.service"
         inst_simple "$moddir/systemd-cryptsetup-skip.conf" \
             "$systemdsystemunitdir/systemd-cryptsetup@.service.d/tpm2-unlocker.conf"
+        inst_simple "$moddir/tpm2-unlocker-lock.service" "$systemdsystemunitdir/tpm2-unlocker-lock.service"
+        mkdir -p "$initdir$systemdsystemunitdir/initrd-switch-root.target.wants" \
+            "$initdir$systemdsystemunitdir/emergency.target.wants"
+        ln_r "$systemdsystemunitdir/tpm2-unlocker-lock.service" \
+            "$systemdsystemunitdir/initrd-switch-root.target.wants/tpm2-unlocker-lock.service"
+        # a break shell (rd.break) comes by emergency.target: locked before it too
+        ln_r "$systemdsystemunitdir/tpm2-unlocker-lock.service" \
+            "$systemdsystemunitdir/emergency.target.wants/tpm2-unlocker-lock.service"
     else
         inst_hook initqueue/settled 10 "$moddir/tpm2-unlocker-initqueue.sh"
+        inst_hook pre-pivot 90 "$moddir/tpm2-unlocker-lock.sh"
     fi
 }

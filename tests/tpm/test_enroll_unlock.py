@@ -43,7 +43,7 @@ def test_file_store_blob_is_read_by_tpm2_tools(disk: Path, key_file: Path, tpm: 
     """Our key.pub/key.priv are tpm2_create's format: tpm2_load + tpm2_unseal give the keyslot's key."""
     blob = tmp_path / "blob"
     enroll(disk, key_file, tpm, "--store", f"file={blob}", "--pcrs", "sha256:0,7")
-    key = tpm2_tools_unseal(tpm, blob, "sha256:0,7", tmp_path / "ctx")
+    key = tpm2_tools_unseal(tpm, blob, "sha256:0,7,15", tmp_path / "ctx")
     assert len(key) == 32
     assert opens(disk, key, slot=1)
 

@@ -115,7 +115,7 @@ def test_remove_refuses_to_remove_the_last_keyslot_that_is_not_ours(
         disk: Path, key_file: Path, tpm: Swtpm, tmp_path: Path) -> None:
     blob = tmp_path / "blob"
     enroll(disk, key_file, tpm, "--store", f"file={blob}")
-    key = tpm2_tools_unseal(tpm, blob, "sha256:0,2,4,7", tmp_path / "ctx")
+    key = tpm2_tools_unseal(tpm, blob, "sha256:0,2,4,7,15", tmp_path / "ctx")
     subprocess.run(["cryptsetup", "luksKillSlot", "--key-file=-", str(disk), "0"], input=key, check=True)
     before = luks_json(disk)
     done = run_cli("remove", str(disk), "--unlock-key-file", str(key_file), tpm=tpm)

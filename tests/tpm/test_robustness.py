@@ -145,11 +145,11 @@ def test_no_secret_in_argv_or_environment_of_cryptsetup(disk: Path, key_file: Pa
     blob = tmp_path / "blob"
     enroll(disk, key_file, tpm, "--store", f"file={blob}", env=env)
     assert run_cli("unlock", str(disk), "--test", tpm=tpm, env=env).returncode == 0
-    keys = [tpm2_tools_unseal(tpm, blob, "sha256:0,2,4,7", tmp_path / "ctx1")]
+    keys = [tpm2_tools_unseal(tpm, blob, "sha256:0,2,4,7,15", tmp_path / "ctx1")]
     tpm.extend(7)
     assert run_cli("reseal", str(disk), "--unlock-key-file", str(key_file), tpm=tpm, env=env).returncode == 0
     assert run_cli("unlock", str(disk), "--test", tpm=tpm, env=env).returncode == 0
-    keys.append(tpm2_tools_unseal(tpm, blob, "sha256:0,2,4,7", tmp_path / "ctx2", name="key.2"))
+    keys.append(tpm2_tools_unseal(tpm, blob, "sha256:0,2,4,7,15", tmp_path / "ctx2", name="key.2"))
     assert run_cli("remove", str(disk), "--unlock-key-file", str(key_file), tpm=tpm, env=env).returncode == 0
     recorded = log.read_bytes()
     assert b"luksAddKey" in recorded and b"--test-passphrase" in recorded and b"luksKillSlot" in recorded
@@ -174,7 +174,7 @@ def test_key_never_crosses_the_bus_in_clear(disk: Path, key_file: Path, tpm: Swt
     tpm.tools("tpm2_flushcontext", "-t")
     plain_pcap = tmp_path / "plain.pcap"
     import subprocess
-    key = subprocess.run(["tpm2_unseal", f"--object-context={ctx / 'k.ctx'}", "--auth=pcr:sha256:7"],
+    key = subprocess.run(["tpm2_unseal", f"--object-context={ctx / 'k.ctx'}", "--auth=pcr:sha256:7,15"],
                          env=dict(os.environ, TPM2TOOLS_TCTI=f"pcap:{tpm.tcti}", TCTI_PCAP_FILE=str(plain_pcap)),
                          capture_output=True, check=True).stdout
     tpm.tools("tpm2_flushcontext", "-t")

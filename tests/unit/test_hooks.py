@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 INSTALL = REPO / "mkinitcpio" / "install" / "tpm2-unlocker"
 STUBS = """
@@ -111,7 +113,7 @@ def run_runtime_hook(tmp_path: Path, rc_first: int, rc_second: int = 0,
 
 def test_runtime_hook_tpm_success_in_the_background_needs_no_second_run(tmp_path: Path) -> None:
     out, calls = run_runtime_hook(tmp_path, rc_first=0)
-    assert calls == ["unlock --tries 0"]
+    assert calls == ["unlock --tries 0 --defer-lock"]
     assert "ERROR" not in out
 
 
@@ -142,13 +144,13 @@ def test_runtime_hook_starts_no_reader_of_the_random_pool(tmp_path: Path) -> Non
 
 def test_runtime_hook_asks_in_the_foreground_after_a_tpm_failure(tmp_path: Path) -> None:
     out, calls = run_runtime_hook(tmp_path, rc_first=3, rc_second=0)
-    assert calls == ["unlock --tries 0", "unlock --no-tpm"]
+    assert calls == ["unlock --tries 0 --defer-lock", "unlock --no-tpm"]
     assert "ERROR" not in out
 
 
 def test_runtime_hook_tries_the_tpm_again_for_a_device_that_came_late(tmp_path: Path) -> None:
     out, calls = run_runtime_hook(tmp_path, rc_first=8, rc_second=0)  # 8: device not found in time
-    assert calls == ["unlock --tries 0", "unlock"]
+    assert calls == ["unlock --tries 0 --defer-lock", "unlock"]
     assert "ERROR" not in out
 
 
@@ -245,3 +247,37 @@ def test_the_image_carries_the_file_store_directories_the_binary_names(tmp_path:
     assert not any(c.startswith("add_full_dir") for c in calls)
     setup = (REPO / "dracut" / "90tpm2-unlocker" / "module-setup.sh").read_text()
     assert '"$TPM2_UNLOCKER_BINARY" unpack --blob-dirs' in setup
+
+
+@pytest.mark.parametrize("locked", [True, False])
+def test_the_cleanup_hook_locks_only_when_no_run_did(locked: bool, tmp_path: Path) -> None:
+    """run_cleanuphook (before switch_root): `lock` when no run of this boot left the marker."""
+    fake = tmp_path / "tpm2-unlocker"
+    fake.write_text('#!/bin/sh\necho "$*" >>"$CALLS"\n')
+    fake.chmod(0o755)
+    marker = tmp_path / "locked"
+    if locked:
+        marker.touch()
+    calls = tmp_path / "calls"
+    calls.touch()
+    hook = REPO / "mkinitcpio" / "hooks" / "tpm2-unlocker"
+    done = subprocess.run(["busybox", "sh", "-c", f". '{hook}'\nrun_cleanuphook\n"], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "TPM2_UNLOCKER_BIN": str(fake), "CALLS": str(calls),
+                               "TPM2_UNLOCKER_LOCKED": str(marker)}, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert calls.read_text().splitlines() == ([] if locked else ["lock"])
+
+
+def test_systemd_images_lock_before_the_switch_to_the_root_and_before_a_break_shell(tmp_path: Path) -> None:
+    unit = (REPO / "dracut" / "90tpm2-unlocker" / "tpm2-unlocker-lock.service").read_text()
+    assert "ExecStart=/usr/bin/tpm2-unlocker lock" in unit
+    assert "ConditionPathExists=!/run/tpm2-unlocker/locked" in unit
+    assert "Before=initrd-switch-root.target initrd-switch-root.service emergency.service rescue.service" in unit
+    done, calls = run_install(tmp_path, "build")
+    assert done.returncode == 0, done.stdout + done.stderr
+    for target in ("initrd-switch-root.target", "emergency.target"):
+        assert (f"add_symlink /usr/lib/systemd/system/{target}.wants/tpm2-unlocker-lock.service "
+                "../tpm2-unlocker-lock.service") in calls
+    setup = (REPO / "dracut" / "90tpm2-unlocker" / "module-setup.sh").read_text()
+    assert "initrd-switch-root.target.wants/tpm2-unlocker-lock.service" in setup
+    assert 'inst_hook pre-pivot 90 "$moddir/tpm2-unlocker-lock.sh"' in setup

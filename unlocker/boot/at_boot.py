@@ -6,6 +6,7 @@ import os
 
 from unlocker import TYPE_CHECKING
 from unlocker.boot.connection import TpmConnection
+from unlocker.boot.lock import lock, volume_event
 from unlocker.boot.unlock import BootContext, UnlockRequest, check_mapping_name, unlock
 from unlocker.errors import DeviceNotFoundError, InternalError, UnlockerError
 from unlocker.lean.record import record
@@ -23,6 +24,7 @@ class BootOptions:
     tcti: str | None
     timeout: float
     use_tpm: bool = True
+    defer_lock: bool = False
 
 
 def unlock_at_boot(opts: BootOptions) -> None:
@@ -38,11 +40,19 @@ def unlock_at_boot(opts: BootOptions) -> None:
         return
     warmup.start()
     connection = TpmConnection(opts.tcti, opts.timeout) if opts.use_tpm else None
+    context = BootContext(tpm=connection, before_open=warmup.wait_for_dm_crypt, open_early=True, locks=set(),
+                          events=[])
+    failures: list[UnlockerError] = []
     try:
         if connection is not None:
             connection.connect_in_background()  # while the disks are still on their way
-        failures = _open_targets(targets, opts, connection)
+        failures = _open_targets(targets, opts, context)
     finally:
+        # every path locks: TPM unlock, passphrase, recovery key, failure; only a run told to defer
+        # (the busybox hook's early one) leaves a device not found yet to the second run, which locks
+        if not (opts.defer_lock and any(isinstance(f, DeviceNotFoundError) for f in failures)):
+            lock(connection.tpm() if connection is not None else None, context.locks or set(),
+                 context.events or [], opts.tcti)
         if connection is not None:
             connection.close()
     if len(failures) == 1 and len(targets) == 1:
@@ -52,13 +62,9 @@ def unlock_at_boot(opts: BootOptions) -> None:
         raise type(failures[0])(f"{len(failures)} of {len(targets)} device(s) not opened")
 
 
-def _open_targets(targets: list[Target], opts: BootOptions,
-                  connection: TpmConnection | None) -> list[UnlockerError]:
+def _open_targets(targets: list[Target], opts: BootOptions, context: BootContext) -> list[UnlockerError]:
     """Each target in turn: waited for, then unlocked; the failures, each said as it happened."""
-    from unlocker.boot import warmup
-
     failures: list[UnlockerError] = []
-    context = BootContext(tpm=connection, before_open=warmup.wait_for_dm_crypt, open_early=True)
     for target in targets:
         try:
             _open_target(target, opts, context)
@@ -85,6 +91,8 @@ def _open_target(target: Target, opts: BootOptions, context: BootContext) -> Non
     if name is None:
         name = f"luks-{header[0]}" if header else os.path.basename(path)
     check_mapping_name(name)
+    if context.events is not None:  # measured whatever happens next
+        context.events.append(volume_event(name, header[0] if header else path))
     if os.path.exists(f"/dev/mapper/{name}"):
         say(f"{path}: already open as {name}")
         return

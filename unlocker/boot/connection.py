@@ -56,6 +56,11 @@ class TpmConnection:
             raise self._error
         return self._tpm  # type: ignore[return-value]
 
+    def tpm(self) -> Tpm | None:
+        """The open connection, or None when it failed (the lock then opens its own, or says why not)."""
+        self._connected()
+        return self._tpm
+
     def close(self) -> None:
         self._connected()
         if self._tpm is not None:

@@ -55,6 +55,9 @@ class BootContext:
     before_open: Callable[[], None] | None = None
     # `cryptsetup open` started while the key is unsealed, the key handed to it after
     open_early: bool = False
+    # filled in for the lock at the end of the boot: the lock PCRs the tokens name, the volumes seen
+    locks: set[int] | None = None
+    events: list[bytes] | None = None
 
 
 NO_CONTEXT = BootContext()
@@ -63,10 +66,14 @@ NO_CONTEXT = BootContext()
 def explain_policy_failure(tpm: Tpm, token: Token, exc: PolicyError) -> PolicyError:
     """Name the PCRs whose values differ from those recorded at sealing."""
     try:
-        current = tpm.read_pcrs(token.selection)
+        current = tpm.read_pcrs(token.policy_selection())
     except UnlockerError:
         return exc
     changed = changed_pcrs(token.pcr_values, current)
+    if not changed and token.lock_pcr is not None and current[token.lock_pcr] != token.expected_values()[token.lock_pcr]:
+        return PolicyError(f"the key is locked for this boot (lock PCR {token.lock_pcr} was extended once the "
+                           "disks were opened); it unseals again after a reboot",
+                           changed_pcrs=[token.lock_pcr])
     if not changed:
         return PolicyError("the TPM refused the PCR policy although the PCR values match the enrolment")
     names = ", ".join(str(p) for p in changed)
@@ -168,6 +175,8 @@ def unlock(opts: UnlockRequest, context: BootContext = NO_CONTEXT, metadata: dic
         pending: PendingOpen | None = None
         try:
             tokens = device.our_tokens()  # parsed once, for the early open and the unseal
+            if context.locks is not None:
+                context.locks.update(t.lock_pcr for _, t in tokens if isinstance(t, Token) and t.lock_pcr is not None)
             pending = start_open(device, tokens, name, test=opts.test) if context.open_early else None
             key, token = unseal_any(device, tokens, connection)
             with key:

@@ -15,12 +15,16 @@ from unlocker.commands.passphrase import existing_passphrase
 from unlocker.errors import CorruptError, UnlockerError, UsageError
 from unlocker.log import say
 from unlocker.luks import LuksDevice
+from unlocker.options import DEFAULT_LOCK_PCR
 from unlocker.secret import Secret
 from unlocker.store import StoreSpec
 from unlocker.token import Token
 from unlocker.tpm.client import Tpm
 from unlocker.tpm.policy import PcrSelection
 from unlocker.tpm.tcti import resolve_tcti
+
+# --lock-pcr not given: the enrolment's own lock PCR stays (an enrolment without one gains the default)
+KEEP = object()
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,18 @@ class ResealOptions:
     selection: PcrSelection | None
     unlock_key_file: str | None
     tcti: str | None
+    # KEEP: the old enrolment's; an older one without a lock PCR gains the default
+    lock_pcr: int | None | object = KEEP
+
+
+def _lock_pcr(opts: ResealOptions, old: Token, selection: PcrSelection) -> int | None:
+    """--lock-pcr as given; else the old enrolment's; else (adopted, or enrolled before the lock
+    existed) the default, unless the enrolment binds that PCR's value itself."""
+    if opts.lock_pcr is not KEEP:
+        return opts.lock_pcr  # type: ignore[return-value]
+    if old.lock_pcr is not None:
+        return old.lock_pcr
+    return None if DEFAULT_LOCK_PCR in selection.pcrs else DEFAULT_LOCK_PCR
 
 
 def _reseal_one(tpm: Tpm, device: LuksDevice, old: Token, opts: ResealOptions) -> Token:
@@ -49,7 +65,8 @@ def _reseal_one(tpm: Tpm, device: LuksDevice, old: Token, opts: ResealOptions) -
             device.add_key(passphrase, key, slot)
             undo.push(f"remove keyslot {slot}", lambda: device.kill_slot(slot, passphrase))  # type: ignore[arg-type]
         with key:
-            token = seal_into_token(tpm, device, key, slot, selection, StoreSpec.beside(old), undo,
+            lock = _lock_pcr(opts, old, selection)
+            token = seal_into_token(tpm, device, key, slot, selection, StoreSpec.beside(old), undo, lock_pcr=lock,
                                     keyslot_owned=old.keyslot_owned, next_free_nv=True)
             prove(tpm, device, token, key)
     # The new enrolment works: now remove the old one, token first.

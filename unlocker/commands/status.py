@@ -30,6 +30,8 @@ class EnrolmentStatus:
     policy_satisfied: bool | None = None
     changed_pcrs: list[int] = field(default_factory=list)
     keyslot_owned: bool = True
+    lock_pcr: int | None = None
+    locked: bool = False  # the lock PCR is extended now: this boot cannot unseal
 
 
 @dataclass
@@ -54,9 +56,15 @@ def _enrolment(tpm: Tpm | None, tid: int, token: Token | CorruptError) -> Enrolm
         return EnrolmentStatus(token_id=tid, valid=False, error=str(token))
     entry = EnrolmentStatus(token_id=tid, valid=True, store=token.store, location=token.describe_store(),
                             keyslot=token.keyslot, pcrs=str(token.selection), keyslot_owned=token.keyslot_owned)
+    entry.lock_pcr = token.lock_pcr
     if tpm is not None:
-        current = tpm.read_pcrs(token.selection)
-        entry.policy_satisfied = sealing_policy(token.selection, current, token.pin) == token.policy_hash
+        current = tpm.read_pcrs(token.policy_selection())
+        if token.lock_pcr is not None:
+            # the lock is extended in every booted system: the question is whether the next boot,
+            # where it starts from its reset value again, unseals
+            entry.locked = current[token.lock_pcr] != token.expected_values()[token.lock_pcr]
+            current[token.lock_pcr] = token.expected_values()[token.lock_pcr]
+        entry.policy_satisfied = sealing_policy(token.policy_selection(), current, token.pin) == token.policy_hash
         entry.changed_pcrs = changed_pcrs(token.pcr_values, current)
     return entry
 
@@ -108,6 +116,8 @@ def render(result: Status) -> str:
                 changed = ", ".join(str(p) for p in e.changed_pcrs) or "none recorded"
                 state = f"POLICY NOT SATISFIED (changed PCRs: {changed}); run 'tpm2-unlocker reseal'"
             owner = "" if e.keyslot_owned else " (adopted: the keyslot is yours)"
+            if e.lock_pcr is not None:
+                state += f"; lock PCR {e.lock_pcr}" + (" extended (locked until the next boot)" if e.locked else "")
             lines.append(f"{result.device}: token {e.token_id}: keyslot {e.keyslot}{owner}, {e.location}, "
                          f"PCRs {e.pcrs}: {state}")
         for slot in result.recovery_keyslots:

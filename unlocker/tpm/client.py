@@ -65,6 +65,18 @@ class Tpm(Sealing, NvStorage):
             raise errors.tpm_error(exc, errors.READ_PCRS) from None
         return values
 
+    def pcr_event(self, pcr: int, event: bytes) -> None:
+        """TPM2_PCR_Event: the TPM hashes `event` in every active bank and extends PCR `pcr` with it
+        (one command: a bank left out would leave a policy over it unlocked)."""
+        data = tss.new("TPM2B_EVENT *")
+        tss.fill_tpm2b(data, event[:len(data.buffer)])
+        digests = tss.new("TPML_DIGEST_VALUES **")
+        try:
+            self._esys.call("PCR_Event", lib.ESYS_TR_PCR0 + pcr, tss.PASSWORD, tss.NONE, tss.NONE, data, digests)
+            tss.free(digests[0])
+        except TssError as exc:
+            raise errors.tpm_error(exc, errors.EXTEND_PCR) from None
+
     def _properties(self, first: int, count: int) -> dict[int, int]:
         with self._capability(lib.TPM2_CAP_TPM_PROPERTIES, first, count) as (data, _):
             props = data.tpmProperties

@@ -93,6 +93,17 @@ class Sealing(Sessions):
         finally:
             tss.wipe(sensitive.sensitive.data)
 
+    def load_check(self, sealed: SealedObject, pinned_srk: bytes) -> None:
+        """Load the object under the SRK named `pinned_srk` (the TPM checks its integrity), then flush it."""
+        public, private = _unmarshal_sealed(sealed)
+        self.check_srk(pinned_srk)
+        loaded = tss.new("ESYS_TR *")
+        try:
+            self._esys.call("Load", self._current_srk(), tss.PASSWORD, tss.NONE, tss.NONE, private, public, loaded)
+        except TssError as exc:
+            raise errors.tpm_error(exc, errors.LOAD) from None
+        self._esys.flush(loaded[0])
+
     def unseal(self, sealed: SealedObject, selection: PcrSelection, pinned_srk: bytes | None) -> Secret:
         """Load under the SRK named `pinned_srk` and unseal over a PolicyPCR session salted with that
         same SRK and parameter-encrypted (None: the SRK selected now; enrolment and adopt only)."""

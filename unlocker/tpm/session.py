@@ -101,11 +101,19 @@ class Sessions(SrkHolder):
         self._esys.call("PolicyPCR", session, tss.NONE, tss.NONE, tss.NONE, tss.new("TPM2B_DIGEST *"),
                         pcr_selection(selection))
 
-    def trial_policy_pcr(self, selection: PcrSelection, with_pin: bool = False) -> bytes:
-        """The TPM's own PolicyPCR digest for the current values (tests compare policy.py to it)."""
+    def trial_policy_pcr(self, selection: PcrSelection, with_pin: bool = False,
+                         values_digest: bytes | None = None) -> bytes:
+        """The TPM's own PolicyPCR digest for the current values, or for the values whose digest
+        is `values_digest` (a trial session takes them as given): policy.py is held to it."""
         session = self._start_session(lib.TPM2_SE_TRIAL, salted=False)
         try:
-            self._policy_pcr(session, selection)
+            if values_digest is None:
+                self._policy_pcr(session, selection)
+            else:
+                digest_in = tss.new("TPM2B_DIGEST *")
+                tss.fill_tpm2b(digest_in, values_digest)
+                self._esys.call("PolicyPCR", session, tss.NONE, tss.NONE, tss.NONE, digest_in,
+                                pcr_selection(selection))
             if with_pin:
                 self._esys.call("PolicyAuthValue", session, tss.NONE, tss.NONE, tss.NONE)
             digest = tss.new("TPM2B_DIGEST **")
