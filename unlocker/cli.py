@@ -53,10 +53,10 @@ def verb_unlock(opts: argparse.Namespace) -> int:
         if opts.test or opts.name:
             raise UsageError("--test and NAME need a DEVICE")
         unlock_at_boot(BootOptions(opts.tries, opts.tcti, opts.timeout, use_tpm=not opts.no_tpm,
-                                   defer_lock=opts.defer_lock))
+                                   defer_lock=opts.defer_lock, tpm_timeout=opts.tpm_timeout))
     else:
         unlock(UnlockRequest(opts.device, opts.name, test=opts.test, tries=opts.tries, tcti=opts.tcti,
-                             use_tpm=not opts.no_tpm))
+                             use_tpm=not opts.no_tpm, tpm_timeout=opts.tpm_timeout))
     return EXIT_OK
 
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 DEFAULT_TRIES = 3
 DEFAULT_TIMEOUT = 30.0
+DEFAULT_TPM_TIMEOUT = 30.0
 # PCR 15: reset to zeros at every boot and measured by no firmware or boot loader (systemd's
 # cryptsetup uses it for the same purpose)
 DEFAULT_LOCK_PCR = 15
@@ -129,6 +130,9 @@ VERBS: tuple[Verb, ...] = (
                  seconds("--timeout"), DEFAULT_TIMEOUT, kernel_param="tpm2_unlocker.timeout", boot=True),
              Arg("--no-tpm", "ask for the passphrase without trying the TPM (a first run with --tries 0 tried "
                  "it and said why it failed)", flag=True, boot=True),
+             Arg("--tpm-timeout", f"seconds the TPM may take to answer before it counts as gone and the "
+                 f"passphrase is asked (default {DEFAULT_TPM_TIMEOUT:g})", seconds("--tpm-timeout"), DEFAULT_TPM_TIMEOUT,
+                 boot=True),
              Arg("--defer-lock", "when a device is not there yet, leave extending the lock PCR to the next run "
                  "(the busybox hook's early run: its second run locks)", flag=True, boot=True),
              TCTI, DEBUG)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,12 +84,13 @@ def test_help_documents_every_kernel_parameter(tmp_path: Path) -> None:
 FAKE_BINARY = """#!/bin/sh
 echo "$*" >>"$CALLS"
 n=$(wc -l <"$CALLS")
+eval "sleep \\${SLEEP_$n:-0}"
 eval "exit \\${RC_$n:-0}"
 """
 
 
-def run_runtime_hook(tmp_path: Path, rc_first: int, rc_second: int = 0,
-                     under: tuple[str, ...] = ()) -> tuple[str, list[str]]:
+def run_runtime_hook(tmp_path: Path, rc_first: int, rc_second: int = 0, under: tuple[str, ...] = (),
+                     hang_first: bool = False) -> tuple[str, list[str]]:
     """mkinitcpio's init sequence for our hook (source, run_earlyhook, source again, run_hook) in
     busybox sh (run by the command `under`, if given), with a fake binary that records its arguments
     and a modprobe that does nothing."""
@@ -106,7 +108,8 @@ def run_runtime_hook(tmp_path: Path, rc_first: int, rc_second: int = 0,
               f". '{hook}'\nrun_hook\n")
     done = subprocess.run([*under, "busybox", "sh", "-c", script], capture_output=True, text=True, timeout=60,
                           env={"PATH": f"{bindir}:/usr/bin:/bin", "TPM2_UNLOCKER_BIN": str(fake),
-                               "CALLS": str(calls), "RC_1": str(rc_first), "RC_2": str(rc_second)})
+                               "CALLS": str(calls), "RC_1": str(rc_first), "RC_2": str(rc_second),
+                               "SLEEP_1": "600" if hang_first else "0", "TPM2_UNLOCKER_EARLY_LIMIT": "2"})
     assert done.returncode == 0, done.stderr
     return done.stdout, calls.read_text().splitlines()
 
@@ -281,3 +284,11 @@ def test_systemd_images_lock_before_the_switch_to_the_root_and_before_a_break_sh
     setup = (REPO / "dracut" / "90tpm2-unlocker" / "module-setup.sh").read_text()
     assert "initrd-switch-root.target.wants/tpm2-unlocker-lock.service" in setup
     assert 'inst_hook pre-pivot 90 "$moddir/tpm2-unlocker-lock.sh"' in setup
+
+
+def test_an_early_run_that_hangs_is_killed_and_the_passphrase_asked(tmp_path: Path) -> None:
+    """A TPM (or anything) that never answers: the background run is bounded, run_hook asks."""
+    started = time.monotonic()
+    out, calls = run_runtime_hook(tmp_path, rc_first=0, hang_first=True)
+    assert time.monotonic() - started < 30
+    assert calls == ["unlock --tries 0 --defer-lock", "unlock --no-tpm"]

@@ -10,7 +10,9 @@ from unlocker.boot.lock import lock, volume_event
 from unlocker.boot.unlock import BootContext, UnlockRequest, check_mapping_name, unlock
 from unlocker.errors import DeviceNotFoundError, InternalError, UnlockerError
 from unlocker.lean.record import record
+from unlocker.lean.threads import Background
 from unlocker.log import say, trace
+from unlocker.options import DEFAULT_TPM_TIMEOUT
 
 if TYPE_CHECKING:
     from unlocker.boot.devices import Target
@@ -25,6 +27,7 @@ class BootOptions:
     timeout: float
     use_tpm: bool = True
     defer_lock: bool = False
+    tpm_timeout: float = DEFAULT_TPM_TIMEOUT
 
 
 def unlock_at_boot(opts: BootOptions) -> None:
@@ -51,8 +54,13 @@ def unlock_at_boot(opts: BootOptions) -> None:
         # every path locks: TPM unlock, passphrase, recovery key, failure; only a run told to defer
         # (the busybox hook's early one) leaves a device not found yet to the second run, which locks
         if not (opts.defer_lock and any(isinstance(f, DeviceNotFoundError) for f in failures)):
-            lock(connection.tpm() if connection is not None else None, context.locks or set(),
-                 context.events or [], opts.tcti)
+            tpm = connection.tpm() if connection is not None else None
+            locking = Background(lambda: lock(tpm, context.locks or set(), context.events or [], opts.tcti), "lock")
+            locking.join(opts.tpm_timeout)
+            if locking.is_alive():
+                say(f"the lock PCR could not be extended: the TPM did not answer within {opts.tpm_timeout:g} s")
+                if connection is not None:
+                    connection.abandon()
         if connection is not None:
             connection.close()
     if len(failures) == 1 and len(targets) == 1:
@@ -96,5 +104,6 @@ def _open_target(target: Target, opts: BootOptions, context: BootContext) -> Non
     if os.path.exists(f"/dev/mapper/{name}"):
         say(f"{path}: already open as {name}")
         return
-    unlock(UnlockRequest(path, name, tries=opts.tries, tcti=opts.tcti, use_tpm=opts.use_tpm), context,
+    unlock(UnlockRequest(path, name, tries=opts.tries, tcti=opts.tcti, use_tpm=opts.use_tpm,
+                         tpm_timeout=opts.tpm_timeout), context,
            metadata=header[1] if header else None)

@@ -23,6 +23,7 @@ class TpmConnection:
         self._tpm: Tpm | None = None
         self._error: UnlockerError | None = None
         self._connecting: Background | None = None
+        self._abandoned = False
 
     def connect_in_background(self) -> None:
         """connect() in a thread: the TPM's round trips overlap the wait for the disk and the read
@@ -58,10 +59,20 @@ class TpmConnection:
 
     def tpm(self) -> Tpm | None:
         """The open connection, or None when it failed (the lock then opens its own, or says why not)."""
+        if self._abandoned:
+            return None
         self._connected()
         return self._tpm
 
+    def abandon(self) -> None:
+        """The TPM stopped answering: a thread of ours is blocked in a command that may never
+        return. Nothing of this connection is used again, not even to close it (that would block
+        too); the process's exit ends the thread."""
+        self._abandoned = True
+
     def close(self) -> None:
+        if self._abandoned:
+            return
         self._connected()
         if self._tpm is not None:
             self._tpm.close()

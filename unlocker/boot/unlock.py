@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import os
 
 from unlocker import TYPE_CHECKING, recovery, store
@@ -17,9 +18,10 @@ from unlocker.errors import (
     WrongPassphraseError,
 )
 from unlocker.lean.record import record
+from unlocker.lean.threads import Background
 from unlocker.log import hint, say, trace
 from unlocker.luks import LuksDevice, PendingOpen
-from unlocker.options import DEFAULT_TRIES
+from unlocker.options import DEFAULT_TPM_TIMEOUT, DEFAULT_TRIES
 from unlocker.secret import Secret
 from unlocker.token import Token
 from unlocker.tpm.client import Tpm
@@ -43,6 +45,8 @@ class UnlockRequest:
     tcti: str | None = None
     # False: straight to the passphrase (a first run tried the TPM and said why it failed)
     use_tpm: bool = True
+    # seconds the TPM may take to connect and unseal before it counts as gone (then the prompt)
+    tpm_timeout: float = DEFAULT_TPM_TIMEOUT
 
 
 @record(frozen=True)
@@ -107,6 +111,40 @@ def unseal_any(device: LuksDevice, tokens: list[tuple[int, Token | CorruptError]
     # A corrupt token matters less than what the TPM said about a good one.
     reasons.sort(key=lambda e: isinstance(e, CorruptError) and len(good) > 0)
     raise reasons[0]
+
+
+def _unseal_within(device: LuksDevice, tokens: list[tuple[int, Token | CorruptError]], connection: TpmConnection,
+                   seconds: float) -> tuple[Secret, Token]:
+    """unseal_any, but a TPM that stops answering (a hung chip, a paused emulator, something in
+    between holding the answer) costs at most `seconds`: its command cannot be interrupted, so it is
+    left to its thread, the connection abandoned, and the prompt follows. A key that arrives after
+    that is wiped by the thread itself."""
+    outcome: dict[str, object] = {}
+    decided = _thread.allocate_lock()
+
+    def work() -> None:
+        try:
+            found: object = unseal_any(device, tokens, connection)
+        except BaseException as exc:  # handed to the caller below, whatever it is
+            found = exc
+        with decided:
+            if "gave up" in outcome:
+                if isinstance(found, tuple):
+                    found[0].wipe()
+            else:
+                outcome["found"] = found
+
+    worker = Background(work, "unseal")
+    worker.join(seconds)
+    with decided:
+        if "found" not in outcome:
+            outcome["gave up"] = True
+            connection.abandon()
+            raise NoTpmError(f"the TPM did not answer within {seconds:g} s")
+    found = outcome["found"]
+    if isinstance(found, BaseException):
+        raise found
+    return found  # type: ignore[return-value]
 
 
 def spare_cpu() -> bool:
@@ -178,7 +216,7 @@ def unlock(opts: UnlockRequest, context: BootContext = NO_CONTEXT, metadata: dic
             if context.locks is not None:
                 context.locks.update(t.lock_pcr for _, t in tokens if isinstance(t, Token) and t.lock_pcr is not None)
             pending = start_open(device, tokens, name, test=opts.test) if context.open_early else None
-            key, token = unseal_any(device, tokens, connection)
+            key, token = _unseal_within(device, tokens, connection, opts.tpm_timeout)
             with key:
                 if not open_or_test(device, key, name, token.keyslot, test=opts.test, context=context,
                                     pending=pending):
