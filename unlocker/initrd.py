@@ -19,8 +19,8 @@ def in_initrd(marker: str = MARKER) -> bool:
 def kernel_words(path: str = CMDLINE) -> list[str]:
     """The kernel command line, split into words ([] when it cannot be read)."""
     try:
-        with open(path) as f:
-            return f.read().split()
+        with open(path, "rb") as f:
+            return f.read().decode(errors="replace").split()  # any byte may be there
     except OSError:
         return []
 

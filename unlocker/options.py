@@ -36,15 +36,19 @@ def count(option: str) -> Callable[[str], int]:
     return convert
 
 
+# No wait of ours is longer: a value past it (1e300 is finite too) is a typo or an attack.
+MAX_SECONDS = 3600.0
+
+
 def seconds(option: str) -> Callable[[str], float]:
-    """A finite number of seconds, 0 or more (never inf or nan: every wait must end)."""
+    """A number of seconds from 0 to MAX_SECONDS (never inf or nan: every wait must end)."""
     def convert(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             value = -1.0
-        if not 0 <= value < float("inf"):  # nan compares false too
-            raise UsageError(f"{option} takes a finite number of seconds, 0 or more, not '{text}'")
+        if not 0 <= value <= MAX_SECONDS:  # nan compares false too
+            raise UsageError(f"{option} takes a number of seconds from 0 to {MAX_SECONDS:g}, not '{text}'")
         return value
     return convert
 

@@ -97,3 +97,43 @@ def test_a_swapped_tpm_says_tpm_identity_changed_and_the_passphrase_opens(
         other.stop()
     assert done.returncode == 2
     assert b"TPM identity changed: this TPM's storage root key is not the one the key was sealed under" in done.stderr
+
+
+def _plant_key_the_tpm_did_not_make(tpm: Swtpm, work: Path) -> str:
+    """A noDA storage key without fixedTPM/fixedParent (the attributes any imported key, one whose
+    private part an attacker knows, must have) persisted at 0x81000001; its name."""
+    tpm.tools("tpm2_createprimary", "-C", "o", "--key-algorithm=ecc", f"--key-context={work / 'parent.ctx'}")
+    tpm.tools("tpm2_flushcontext", "-t")
+    tpm.tools("tpm2_create", f"--parent-context={work / 'parent.ctx'}", "--key-algorithm=ecc",
+              "--attributes=restricted|decrypt|sensitivedataorigin|userwithauth|noda",
+              f"--public={work / 'k.pub'}", f"--private={work / 'k.priv'}")
+    tpm.tools("tpm2_flushcontext", "-t")
+    tpm.tools("tpm2_load", f"--parent-context={work / 'parent.ctx'}", f"--public={work / 'k.pub'}",
+              f"--private={work / 'k.priv'}", f"--key-context={work / 'k.ctx'}")
+    tpm.tools("tpm2_evictcontrol", "-C", "o", f"--object-context={work / 'k.ctx'}", hex(PERSISTENT_SRK))
+    tpm.tools("tpm2_flushcontext", "-t")
+    out = tpm.tools("tpm2_readpublic", f"--object-context={hex(PERSISTENT_SRK)}").stdout.decode()
+    return next(line.split()[-1] for line in out.splitlines() if line.startswith("name:"))
+
+
+@pytest.mark.parametrize("store", ["token", "nv"])
+def test_a_key_the_tpm_did_not_make_is_never_the_srk_even_when_the_token_names_it(
+        store: str, disk: Path, key_file: Path, tpm: Swtpm, tmp_path: Path) -> None:
+    """The reviewer's evil maid: a key of hers at 0x81000001 before enrolment (trusted on first use
+    otherwise), then its name written into the token (the header is hers to write)."""
+    planted = _plant_key_the_tpm_did_not_make(tpm, tmp_path)
+    enroll(disk, key_file, tpm, "--store", store, "--pcrs", "sha256:7")
+    (tid, token), = our_tokens(disk).items()
+    assert token["srk_name"] != planted  # enrolment took our own primary, not hers
+    from helpers import replace_token
+
+    token["srk_name"] = planted
+    token.pop("srk_public", None)
+    replace_token(disk, tid, token)
+    pcap = tmp_path / "rewritten.pcap"
+    done = run_cli("unlock", str(disk), "--test", "--tries", "0", "--tcti", f"pcap:{tpm.tcti}",
+                   env={"TCTI_PCAP_FILE": str(pcap)})
+    assert done.returncode == 2
+    assert b"TPM identity changed" in done.stderr
+    _, _, secret_salts = _sessions_of(pcap)
+    assert secret_salts == []  # no unseal, no NV read ran at all

@@ -21,9 +21,11 @@ from helpers import run_cli
     (["unlock", "/nonexistent/disk"], 8, b"no such device"),
     (["unlock", "/dev/null", "--tries", "-1"], 1, b"--tries takes a whole number of 0 or more, not '-1'"),
     (["unlock", "--tries", "x"], 1, b"--tries takes a whole number of 0 or more, not 'x'"),
-    (["unlock", "--timeout", "inf"], 1, b"--timeout takes a finite number of seconds, 0 or more, not 'inf'"),
-    (["unlock", "--timeout=nan"], 1, b"--timeout takes a finite number of seconds, 0 or more, not 'nan'"),
-    (["unlock", "/dev/null", "--timeout", "-3"], 1, b"--timeout takes a finite number of seconds"),
+    (["unlock", "--timeout", "inf"], 1, b"--timeout takes a number of seconds from 0 to 3600, not 'inf'"),
+    (["unlock", "--timeout", "1e300"], 1, b"--timeout takes a number of seconds from 0 to 3600, not '1e300'"),
+    (["unlock", "--tpm-timeout", "nan"], 1, b"--tpm-timeout takes a number of seconds from 0 to 3600, not 'nan'"),
+    (["unlock", "--timeout=nan"], 1, b"--timeout takes a number of seconds from 0 to 3600, not 'nan'"),
+    (["unlock", "/dev/null", "--timeout", "-3"], 1, b"--timeout takes a number of seconds from 0 to 3600"),
     (["adopt", "/dev/null", "--pcrs", "sha256:7"], 1, b"one of --blob PUB PRIV or --nv INDEX"),
     (["adopt", "/dev/null", "--nv", "0x1500016"], 1, b"adopt needs --pcrs"),
     (["unpack"], 1, b"unpack needs DIR (or --libraries, --blob-dirs)"),
@@ -195,8 +197,8 @@ def test_kernel_parameters_replace_the_tables_defaults(args: list[str], words: l
 @pytest.mark.parametrize(("word", "said"), [
     ("tpm2_unlocker.tries=lots", "ignoring tpm2_unlocker.tries=lots (--tries takes a whole number of 0 or more, "
                                  "not 'lots'); using 3"),
-    ("tpm2_unlocker.timeout=inf", "ignoring tpm2_unlocker.timeout=inf (--timeout takes a finite number of seconds, "
-                                  "0 or more, not 'inf'); using 30.0"),
+    ("tpm2_unlocker.timeout=inf", "ignoring tpm2_unlocker.timeout=inf (--timeout takes a number of seconds "
+                                  "from 0 to 3600, not 'inf'); using 30.0"),
 ])
 def test_a_bad_kernel_parameter_is_said_once_and_the_default_stands(
         word: str, said: str, capsys: pytest.CaptureFixture[str]) -> None:

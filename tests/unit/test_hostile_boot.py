@@ -94,3 +94,19 @@ def test_a_bug_met_at_one_device_never_stops_the_next(monkeypatch: pytest.Monkey
     assert all(isinstance(f, UnlockerError) for f in failures)
     assert capsys.readouterr().err.splitlines() == [
         "tpm2-unlocker: /dev/first: internal error: KeyError: 'a bug'", "tpm2-unlocker: /dev/second: refused"]
+
+
+def test_a_kernel_command_line_with_any_byte_still_reads(tmp_path: Path) -> None:
+    """A byte that is no UTF-8 stopped the whole boot before any device was tried."""
+    from unlocker import initrd
+
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_bytes(b"root=/dev/vda rd.luks.uuid=\xff\xfe quiet tpm2_unlocker.debug\n")
+    words = initrd.kernel_words(str(cmdline))
+    assert words[0] == "root=/dev/vda" and "tpm2_unlocker.debug" in words
+    assert devices.boot_targets(str(cmdline), str(tmp_path / "no-crypttab"))[0].source.startswith("UUID=")
+
+
+def test_device_mappers_control_node_is_no_mapping_name() -> None:
+    with pytest.raises(UsageError, match="not device-mapper's own 'control'"):
+        check_mapping_name("control")

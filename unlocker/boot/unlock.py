@@ -190,10 +190,10 @@ MAX_MAPPING_NAME = 127
 def check_mapping_name(name: str) -> None:
     """Refuse a mapping name that is no plain /dev/mapper name: from a kernel command line or a
     crypttab it is input like any other (a name cannot start with '-' or hold a '/')."""
-    if (not name or len(name.encode()) > MAX_MAPPING_NAME or name.startswith("-") or name in (".", "..")
+    if (not name or len(name.encode()) > MAX_MAPPING_NAME or name.startswith("-") or name in (".", "..", "control")
             or "/" in name or not name.isprintable() or any(c.isspace() for c in name)):
         raise UsageError(f"{name!r} is not a usable mapping name (1-{MAX_MAPPING_NAME} printable characters, "
-                         "no '/', no space, not starting with '-')")
+                         "no '/', no space, not starting with '-', not device-mapper's own 'control')")
 
 
 def unlock(opts: UnlockRequest, context: BootContext = NO_CONTEXT, metadata: dict | None = None) -> None:

@@ -23,6 +23,8 @@ SRK_PERSISTENT_HANDLE = 0x81000001
 _TPM2_TOOLS_PRIMARY_ATTRS = (lib.TPMA_OBJECT_FIXEDTPM | lib.TPMA_OBJECT_FIXEDPARENT
                              | lib.TPMA_OBJECT_SENSITIVEDATAORIGIN | lib.TPMA_OBJECT_USERWITHAUTH
                              | lib.TPMA_OBJECT_RESTRICTED | lib.TPMA_OBJECT_DECRYPT)
+_MADE_BY_THE_TPM = (lib.TPMA_OBJECT_FIXEDTPM | lib.TPMA_OBJECT_FIXEDPARENT | lib.TPMA_OBJECT_SENSITIVEDATAORIGIN
+                    | lib.TPMA_OBJECT_RESTRICTED | lib.TPMA_OBJECT_DECRYPT)
 SRK_TEMPLATES = {"tcg": _TPM2_TOOLS_PRIMARY_ATTRS | lib.TPMA_OBJECT_NODA, "tpm2-tools": _TPM2_TOOLS_PRIMARY_ATTRS}
 
 
@@ -81,7 +83,14 @@ class SrkHolder(TpmBase):
         return self._srk if self._srk is not None else self.srk()
 
     def _persistent_srk(self) -> tuple[int, bool] | None:
-        """0x81000001 if present, with whether it has noDA."""
+        """0x81000001 if present and a storage key the TPM made itself, with whether it has noDA.
+
+        Anyone with the owner's (usually empty) password can persist a key there, one imported
+        with a private part they know among them: a session salted to that key is read by whoever
+        listens on the bus, and a token's srk_name is the attacker's to write. So a persistent key
+        counts only if its attributes say the TPM generated it and it never leaves the TPM
+        (fixedTPM, fixedParent and sensitiveDataOrigin: an imported key cannot have fixedTPM), as
+        a restricted decryption (storage) key."""
         handles, _ = self._handles(SRK_PERSISTENT_HANDLE, 1)
         if SRK_PERSISTENT_HANDLE not in handles:
             return None
@@ -89,9 +98,13 @@ class SrkHolder(TpmBase):
         public = tss.new("TPM2B_PUBLIC **")
         self._esys.call("ReadPublic", handle, tss.NONE, tss.NONE, tss.NONE, public, tss.ffi.NULL, tss.ffi.NULL)
         try:
-            return handle, bool(public[0].publicArea.objectAttributes & lib.TPMA_OBJECT_NODA)
+            attributes = public[0].publicArea.objectAttributes
         finally:
             tss.free(public[0])
+        if attributes & _MADE_BY_THE_TPM != _MADE_BY_THE_TPM:
+            self._esys.tr_close(handle)
+            return None
+        return handle, bool(attributes & lib.TPMA_OBJECT_NODA)
 
     def _create_srk(self, kind: str) -> int:
         out = tss.new("ESYS_TR *")
