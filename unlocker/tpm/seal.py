@@ -93,20 +93,9 @@ class Sealing(Sessions):
         finally:
             tss.wipe(sensitive.sensitive.data)
 
-    def load_check(self, sealed: SealedObject, pinned_srk: bytes) -> None:
-        """Load the object under the SRK named `pinned_srk` (the TPM checks its integrity), then flush it."""
-        public, private = _unmarshal_sealed(sealed)
-        self.check_srk(pinned_srk)
-        loaded = tss.new("ESYS_TR *")
-        try:
-            self._esys.call("Load", self._current_srk(), tss.PASSWORD, tss.NONE, tss.NONE, private, public, loaded)
-        except TssError as exc:
-            raise errors.tpm_error(exc, errors.LOAD) from None
-        self._esys.flush(loaded[0])
-
-    def unseal(self, sealed: SealedObject, selection: PcrSelection, pinned_srk: bytes | None) -> Secret:
-        """Load under the SRK named `pinned_srk` and unseal over a PolicyPCR session salted with that
-        same SRK and parameter-encrypted (None: the SRK selected now; enrolment and adopt only)."""
+    def _load(self, sealed: SealedObject, pinned_srk: bytes | None) -> int:
+        """Load the object under the SRK named `pinned_srk` (the TPM checks its integrity); its
+        handle, for the caller to flush."""
         public, private = _unmarshal_sealed(sealed)
         if pinned_srk is not None:
             self.check_srk(pinned_srk)
@@ -115,13 +104,23 @@ class Sealing(Sessions):
             self._esys.call("Load", self._current_srk(), tss.PASSWORD, tss.NONE, tss.NONE, private, public, loaded)
         except TssError as exc:
             raise errors.tpm_error(exc, errors.LOAD) from None
+        return int(loaded[0])
+
+    def load_check(self, sealed: SealedObject, pinned_srk: bytes) -> None:
+        """The object loads under the SRK named `pinned_srk` (flushed again at once)."""
+        self._esys.flush(self._load(sealed, pinned_srk))
+
+    def unseal(self, sealed: SealedObject, selection: PcrSelection, pinned_srk: bytes | None) -> Secret:
+        """Load under the SRK named `pinned_srk` and unseal over a PolicyPCR session salted with that
+        same SRK and parameter-encrypted (None: the SRK selected now; enrolment and adopt only)."""
+        loaded = self._load(sealed, pinned_srk)
         try:
             with self._pinned_policy_session(pinned_srk) as session:
                 self._policy_pcr(session, selection)
                 data = tss.new("TPM2B_SENSITIVE_DATA **")
-                self._esys.call("Unseal", loaded[0], session, tss.NONE, tss.NONE, data)
+                self._esys.call("Unseal", loaded, session, tss.NONE, tss.NONE, data)
             return take_secret(data[0])
         except TssError as exc:
             raise errors.tpm_error(exc, errors.UNSEAL) from None
         finally:
-            self._esys.flush(loaded[0])
+            self._esys.flush(loaded)
