@@ -61,12 +61,14 @@ def verb_unlock(opts: argparse.Namespace) -> int:
 
 
 def verb_lock(opts: argparse.Namespace) -> int:
-    from unlocker.boot.lock import LOCK_EVENT, lock, locked
+    from unlocker.boot.at_boot import lock_within
+    from unlocker.boot.lock import LOCK_EVENT, locked
+    from unlocker.options import DEFAULT_TPM_TIMEOUT
 
     if locked():
         trace("lock: a run of this boot extended the lock PCR already")
         return EXIT_OK
-    if not lock(None, set(), [LOCK_EVENT], opts.tcti):
+    if not lock_within(None, [LOCK_EVENT], opts.tcti, DEFAULT_TPM_TIMEOUT):
         raise NoTpmError("the lock PCR was not extended").as_said()
     say("the lock PCR is extended: no key unseals until the next boot")
     return EXIT_OK
@@ -121,17 +123,17 @@ def verb_adopt(opts: argparse.Namespace) -> int:
 def verb_unpack(opts: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from unlocker.commands.unpack import SYSTEM_LIBRARIES, blob_dirs, unpack
+    from unlocker.commands.unpack import SYSTEM_LIBRARIES, blob_files, unpack
 
     if opts.libraries:
         print("\n".join(SYSTEM_LIBRARIES))
         return EXIT_OK
-    if opts.blob_dirs:
-        for folder in blob_dirs():
-            print(folder)
+    if opts.blob_files:
+        for file in blob_files():
+            print(file)
         return EXIT_OK
     if opts.dir is None:
-        raise UsageError("unpack needs DIR (or --libraries, --blob-dirs)")
+        raise UsageError("unpack needs DIR (or --libraries, --blob-files)")
     done = unpack(Path(opts.dir))
     if done.checked:
         say(f"unpacked into {opts.dir}: run {done.program}")

@@ -21,9 +21,11 @@ if TYPE_CHECKING:
 DEFAULT_TRIES = 3
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_TPM_TIMEOUT = 30.0
-# PCR 15: reset to zeros at every boot and measured by no firmware or boot loader (systemd's
-# cryptsetup uses it for the same purpose)
+# PCR 15: reset to zeros at every boot, measured by no firmware, boot loader or kernel, and not
+# resettable at locality 0 (16 and 23 are). The boot extends every PCR of LOCK_PCRS whatever the
+# headers say (a header is the attacker's to write: a lock PCR named only there could be left out).
 DEFAULT_LOCK_PCR = 15
+LOCK_PCRS = (DEFAULT_LOCK_PCR,)
 NO_LOCK = "none"
 
 
@@ -58,11 +60,13 @@ def pcr_selection(text: str) -> PcrSelection:
 
 
 def lock_pcr(text: str) -> int | str:
-    """A PCR number 0-23, or "none" (no lock PCR)."""
+    """One of LOCK_PCRS, or "none" (no lock PCR)."""
     if text == NO_LOCK:
         return NO_LOCK
-    if not text.isdigit() or not 0 <= int(text) < 24:
-        raise UsageError(f"--lock-pcr takes a PCR number 0-23 or '{NO_LOCK}', not '{text}'")
+    if not text.isdigit() or int(text) not in LOCK_PCRS:
+        allowed = ", ".join(str(p) for p in LOCK_PCRS)
+        raise UsageError(f"--lock-pcr takes {allowed} (a PCR that nothing else measures and that cannot be reset) "
+                         f"or '{NO_LOCK}', not '{text}'")
     return int(text)
 
 
@@ -169,8 +173,9 @@ VERBS: tuple[Verb, ...] = (
              Arg("dir", "an empty or new directory", nargs="?", metavar="DIR"),
              Arg("--libraries", "print the system libraries the program needs in an image, one per line "
                  "(the hooks install them)", flag=True),
-             Arg("--blob-dirs", "print the directories of this machine's file-store enrolments, one per line "
-                 "(the hooks put them into the image: the boot reads the sealed key there)", flag=True),
+             Arg("--blob-files", "print the sealed-key files of this machine's file-store enrolments under "
+                 "/etc/tpm2-unlocker/, one per line (the hooks put them into the image: the boot reads them)",
+                 flag=True),
              DEBUG)),
 )
 

@@ -12,6 +12,7 @@ from unlocker import TYPE_CHECKING
 from unlocker.errors import CorruptError, UsageError
 from unlocker.lean.jsonload import loads
 from unlocker.lean.record import field, record
+from unlocker.options import LOCK_PCRS
 from unlocker.tpm.policy import BANKS, PCR_COUNT, PcrSelection
 
 if TYPE_CHECKING:
@@ -197,8 +198,8 @@ def parse_token(doc: Any, token_id: int | None = None) -> Token:
         token.srk_public = _b64(_need(doc, "srk_public", str), "srk_public")
     if "lock_pcr" in doc:
         lock = _need(doc, "lock_pcr", int)
-        if not 0 <= lock < PCR_COUNT or lock in selection.pcrs:
-            raise CorruptError("token lock_pcr is not a PCR 0-23 apart from its PCR list")
+        if lock not in LOCK_PCRS or lock in selection.pcrs:
+            raise CorruptError("token lock_pcr is not a lock PCR apart from its PCR list")
         token.lock_pcr = lock
     if store == "token":
         token.public = _b64(_need(doc, "tpm2_public", str), "tpm2_public")
@@ -212,8 +213,9 @@ def parse_token(doc: Any, token_id: int | None = None) -> Token:
             raise CorruptError(f"token nv_index {text} is outside the owner NV range")
     else:
         blob_dir = _need(doc, "blob_dir", str)
-        if not blob_dir.startswith("/") or "\0" in blob_dir or len(blob_dir) > 4096:
-            raise CorruptError("token blob_dir is not an absolute path")
+        if (not blob_dir.startswith("/") or not _spelled_with(blob_dir, BLOB_NAME_CHARS + "/", range(1, 4097))
+                or ".." in blob_dir.split("/")):
+            raise CorruptError("token blob_dir is not a plain absolute path (letters, digits, '._-/')")
         token.blob_dir = blob_dir
         if "blob_name" in doc:  # older tokens: the one pair, key.pub/key.priv
             name = _need(doc, "blob_name", str)

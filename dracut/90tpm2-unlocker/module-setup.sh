@@ -39,13 +39,12 @@ install() {
     fi
     # shellcheck disable=SC2086
     inst_libdir_file $libs
-    # file-store enrolments: the boot reads their sealed key where the token says
-    local dir file
-    for dir in $("$TPM2_UNLOCKER_BINARY" unpack --blob-dirs); do
-        for file in "$dir"/*; do
-            [[ -f $file ]] && inst_simple "$file"
-        done
-    done
+    # file-store enrolments under /etc/tpm2-unlocker: the boot reads their sealed key where the
+    # token says (one file a line, taken whole: no word splitting, no globbing)
+    local blob
+    while IFS= read -r blob; do
+        [[ -n $blob ]] && inst_simple "$blob"
+    done < <("$TPM2_UNLOCKER_BINARY" unpack --blob-files)
     if dracut_module_included "systemd"; then
         inst_simple "$moddir/tpm2-unlocker.service" "$systemdsystemunitdir/tpm2-unlocker.service"
         mkdir -p "$initdir$systemdsystemunitdir/sysinit.target.wants"
@@ -55,14 +54,19 @@ install() {
             "$systemdsystemunitdir/systemd-cryptsetup@.service.d/tpm2-unlocker.conf"
         inst_simple "$moddir/tpm2-unlocker-lock.service" "$systemdsystemunitdir/tpm2-unlocker-lock.service"
         mkdir -p "$initdir$systemdsystemunitdir/initrd-switch-root.target.wants" \
-            "$initdir$systemdsystemunitdir/emergency.target.wants"
+            "$initdir$systemdsystemunitdir/emergency.target.wants" \
+            "$initdir$systemdsystemunitdir/dracut-emergency.service.wants"
         ln_r "$systemdsystemunitdir/tpm2-unlocker-lock.service" \
             "$systemdsystemunitdir/initrd-switch-root.target.wants/tpm2-unlocker-lock.service"
-        # a break shell (rd.break) comes by emergency.target: locked before it too
+        # systemd's emergency and rescue shells come by emergency.target: locked before them too
         ln_r "$systemdsystemunitdir/tpm2-unlocker-lock.service" \
             "$systemdsystemunitdir/emergency.target.wants/tpm2-unlocker-lock.service"
+        # dracut's own break shells (rd.break=...) come by dracut-emergency.service
+        ln_r "$systemdsystemunitdir/tpm2-unlocker-lock.service" \
+            "$systemdsystemunitdir/dracut-emergency.service.wants/tpm2-unlocker-lock.service"
     else
         inst_hook initqueue/settled 10 "$moddir/tpm2-unlocker-initqueue.sh"
         inst_hook pre-pivot 90 "$moddir/tpm2-unlocker-lock.sh"
+        inst_hook emergency 10 "$moddir/tpm2-unlocker-lock.sh"
     fi
 }

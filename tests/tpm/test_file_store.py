@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,15 +57,50 @@ def test_a_reseal_of_a_file_store_writes_a_new_pair_and_drops_the_old(disk: Path
         assert run_cli("unlock", str(disk), "--test", "--tries", "0", tpm=tpm).returncode == 0
 
 
-def test_unpack_names_the_blob_directories_of_file_store_enrolments(disk: Path, key_file: Path, tpm: Swtpm,
-                                                                    tmp_path: Path) -> None:
-    from helpers import make_luks_image
+@pytest.fixture
+def carried_dir() -> Iterator[Path]:
+    """A directory under /etc/tpm2-unlocker/, the one place whose file stores the image carries."""
+    import tempfile
 
-    from unlocker.commands.unpack import blob_dirs
+    Path("/etc/tpm2-unlocker").mkdir(exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="test-", dir="/etc/tpm2-unlocker"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_unpack_names_exactly_the_blob_files_of_carried_file_stores(disk: Path, key_file: Path, tpm: Swtpm,
+                                                                   tmp_path: Path, carried_dir: Path) -> None:
+    from helpers import make_luks_image, replace_token
+
+    from unlocker.commands.unpack import blob_files
 
     other = make_luks_image(tmp_path / "other.img")
-    enroll(disk, key_file, tpm, "--store", f"file={tmp_path / 'blob'}")
-    enroll(other, key_file, tpm)  # a token store: nothing to carry
+    enroll(disk, key_file, tpm, "--store", f"file={carried_dir / 'blob'}")
+    done = run_cli("enroll", str(other), "--unlock-key-file", str(key_file), "--store", f"file={tmp_path / 'elsewhere'}",
+                   tpm=tpm)
+    assert done.returncode == 0 and b"is not under /etc/tpm2-unlocker/: the initramfs hooks carry no files" in done.stderr
     plain = tmp_path / "plain"
     plain.write_bytes(bytes(8192))
-    assert blob_dirs([str(disk), str(other), str(plain), str(tmp_path / "gone")]) == [str(tmp_path / "blob")]
+    devices = [str(disk), str(other), str(plain), str(tmp_path / "gone")]
+    assert blob_files(devices) == [str(carried_dir / "blob" / "key.priv"), str(carried_dir / "blob" / "key.pub")]
+    # a hostile stick's token naming /etc, or a link where a pair file should be: nothing of it carried
+    (tid, token), = our_tokens(other).items()
+    token["blob_dir"] = "/etc"
+    replace_token(other, tid, token)
+    (carried_dir / "blob" / "key.pub").unlink()
+    (carried_dir / "blob" / "key.pub").symlink_to("/etc/shadow")
+    assert blob_files(devices) == [str(carried_dir / "blob" / "key.priv")]
+
+
+@pytest.mark.parametrize("blob_dir", ["/etc/tpm2-unlocker/../../etc", "/etc/tpm2-unlocker/a b", "/etc/*", "relative"])
+def test_a_token_whose_blob_dir_is_no_plain_path_is_corrupt(blob_dir: str) -> None:
+    from unlocker.errors import CorruptError
+    from unlocker.token import parse_token
+
+    doc = {"type": "tpm2-unlocker", "keyslots": ["1"], "version": 1, "store": "file", "pcr_bank": "sha256",
+           "pcrs": [7], "pcr_values": {"7": "00" * 32}, "policy_hash": "11" * 32, "srk_name": "000b" + "22" * 32,
+           "pin": False, "keyslot_owned": True, "blob_dir": blob_dir}
+    with pytest.raises(CorruptError, match="blob_dir is not a plain absolute path"):
+        parse_token(doc)

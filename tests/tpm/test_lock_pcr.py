@@ -50,7 +50,10 @@ def test_without_a_lock_pcr_the_lock_changes_nothing_for_it(disk: Path, key_file
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--pcrs", "sha256:7,15"], b"PCR 15 is the lock PCR: leave it out of --pcrs, or choose another --lock-pcr"),
-    (["--lock-pcr", "24"], b"--lock-pcr takes a PCR number 0-23 or 'none', not '24'"),
+    # 16 and 23 reset at locality 0, 17-22 start at all ones, 0-14 are measured by others
+    (["--lock-pcr", "16"], b"--lock-pcr takes 15 (a PCR that nothing else measures and that cannot be reset) "
+                           b"or 'none', not '16'"),
+    (["--lock-pcr", "7"], b"--lock-pcr takes 15"),
 ])
 def test_a_lock_pcr_that_cannot_be_is_refused(args: list[str], message: bytes, disk: Path, key_file: Path,
                                               tpm: Swtpm) -> None:

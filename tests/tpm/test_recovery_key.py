@@ -66,3 +66,22 @@ def test_a_second_recovery_key_is_refused_and_changes_nothing(disk: Path, key_fi
     assert done.returncode == 1
     assert b"has a recovery key already (remove --recovery-key first)" in done.stderr
     assert luks_json(disk) == before
+
+
+def test_remove_refuses_when_the_secret_given_opens_only_what_is_removed(disk: Path, key_file: Path,
+                                                                        tpm: Swtpm) -> None:
+    """A second token claiming the passphrase's keyslot (the header is anyone's to write), and the
+    user authenticating with that passphrase: it would open nothing that stays; nothing is removed."""
+    from helpers import replace_token
+
+    enroll(disk, key_file, tpm)
+    [key] = KEY.findall(run_cli("recovery-key", str(disk), "--unlock-key-file", str(key_file)).stdout)
+    (tid, token), = our_tokens(disk).items()
+    claim = dict(token, keyslots=["0"])
+    replace_token(disk, "9", claim)
+    before = luks_json(disk)
+    assert opens(disk, key)
+    done = run_cli("remove", str(disk), "--unlock-key-file", str(key_file), tpm=tpm)
+    assert done.returncode == 1
+    assert b"the passphrase given opens only keyslots being removed" in done.stderr
+    assert luks_json(disk) == before and opens(disk, PASSPHRASE)

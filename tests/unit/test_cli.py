@@ -28,7 +28,7 @@ from helpers import run_cli
     (["unlock", "/dev/null", "--timeout", "-3"], 1, b"--timeout takes a number of seconds from 0 to 3600"),
     (["adopt", "/dev/null", "--pcrs", "sha256:7"], 1, b"one of --blob PUB PRIV or --nv INDEX"),
     (["adopt", "/dev/null", "--nv", "0x1500016"], 1, b"adopt needs --pcrs"),
-    (["unpack"], 1, b"unpack needs DIR (or --libraries, --blob-dirs)"),
+    (["unpack"], 1, b"unpack needs DIR (or --libraries, --blob-files)"),
 ])
 def test_bad_command_lines(args: list[str], code: int, message: bytes) -> None:
     done = run_cli(*args)

@@ -22,7 +22,7 @@ map() { local f=$1; shift; for a in "$@"; do "$f" "$a"; done; }
 
 
 def run_install(tmp_path: Path, func: str, unpack_rc: int = 0,
-                blob_dirs: str = "") -> tuple[subprocess.CompletedProcess[str], list[str]]:
+                blob_files: str = "") -> tuple[subprocess.CompletedProcess[str], list[str]]:
     """The install script's `func` with the add_* functions stubbed, and for the binary a script
     that records its arguments (the real `unpack` is tested on the frozen binary, tests/vm)."""
     log = tmp_path / "calls.log"
@@ -31,12 +31,12 @@ def run_install(tmp_path: Path, func: str, unpack_rc: int = 0,
                                capture_output=True, text=True, check=True).stdout
     binary.write_text(f'#!/bin/sh\necho "binary $*" >> "$LOG"\n'
                       f'[ "$*" = "unpack --libraries" ] && {{ printf %s "{libraries}"; exit 0; }}\n'
-                      f'[ "$*" = "unpack --blob-dirs" ] && {{ printf %s "$BLOB_DIRS"; exit 0; }}\nexit {unpack_rc}\n')
+                      f'[ "$*" = "unpack --blob-files" ] && {{ printf %s "$BLOB_FILES"; exit 0; }}\nexit {unpack_rc}\n')
     binary.chmod(0o755)
     script = f"{STUBS}\nerror() {{ echo \"ERROR: $*\"; }}\n. '{INSTALL}'\n{func}\n"
     done = subprocess.run(["bash", "-uc", script], capture_output=True, text=True,
                           env={"LOG": str(log), "PATH": "/usr/bin:/bin", "TPM2_UNLOCKER_BINARY": str(binary),
-                               "BLOB_DIRS": blob_dirs,
+                               "BLOB_FILES": blob_files,
                                "BUILDROOT": "/build/root"})
     calls = [line.strip() for line in log.read_text().splitlines()] if log.exists() else []
     return done, calls
@@ -241,15 +241,17 @@ def test_the_unit_counts_a_usage_error_or_a_bug_as_failure() -> None:
     assert codes == {"2", "3", "4", "5", "6", "7", "8"}  # TPM refusals: systemd-cryptsetup asks next
 
 
-def test_the_image_carries_the_file_store_directories_the_binary_names(tmp_path: Path) -> None:
-    done, calls = run_install(tmp_path, "build", blob_dirs="/etc/tpm2-unlocker/blobs\n/boot/keys\n")
+def test_the_image_carries_exactly_the_blob_files_the_binary_names(tmp_path: Path) -> None:
+    """One file a line, taken whole: a name with a space or a glob is one file, never split or expanded."""
+    names = "/etc/tpm2-unlocker/a/key.pub\n/etc/tpm2-unlocker/b c/key.priv\n/etc/tpm2-unlocker/*/key.pub\n"
+    done, calls = run_install(tmp_path, "build", blob_files=names)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "add_full_dir /etc/tpm2-unlocker/blobs" in calls and "add_full_dir /boot/keys" in calls
-    (tmp_path / "none").mkdir()
-    _, calls = run_install(tmp_path / "none", "build")  # no file-store enrolment on the machine
+    carried = [c for c in calls if c.startswith("add_file /etc/tpm2-unlocker/")]
+    assert carried == ["add_file /etc/tpm2-unlocker/a/key.pub", "add_file /etc/tpm2-unlocker/b c/key.priv",
+                       "add_file /etc/tpm2-unlocker/*/key.pub"]
     assert not any(c.startswith("add_full_dir") for c in calls)
     setup = (REPO / "dracut" / "90tpm2-unlocker" / "module-setup.sh").read_text()
-    assert '"$TPM2_UNLOCKER_BINARY" unpack --blob-dirs' in setup
+    assert '"$TPM2_UNLOCKER_BINARY" unpack --blob-files' in setup and "IFS= read -r blob" in setup
 
 
 @pytest.mark.parametrize("locked", [True, False])
@@ -283,6 +285,8 @@ def test_systemd_images_lock_before_the_switch_to_the_root_and_before_a_break_sh
                 "../tpm2-unlocker-lock.service") in calls
     setup = (REPO / "dracut" / "90tpm2-unlocker" / "module-setup.sh").read_text()
     assert "initrd-switch-root.target.wants/tpm2-unlocker-lock.service" in setup
+    assert "dracut-emergency.service.wants/tpm2-unlocker-lock.service" in setup
+    assert "Before=dracut-emergency.service" in unit
     assert 'inst_hook pre-pivot 90 "$moddir/tpm2-unlocker-lock.sh"' in setup
 
 

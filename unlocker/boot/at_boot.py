@@ -40,11 +40,11 @@ def unlock_at_boot(opts: BootOptions) -> None:
     trace("boot targets: " + (", ".join(t.source for t in targets) or "none"))
     if not targets:
         say("no LUKS device to open (none on the command line, in crypttab, or with a tpm2-unlocker token)")
+        lock_within(None, [], opts.tcti, opts.tpm_timeout)  # a later shell must not unseal either
         return
     warmup.start()
     connection = TpmConnection(opts.tcti, opts.timeout) if opts.use_tpm else None
-    context = BootContext(tpm=connection, before_open=warmup.wait_for_dm_crypt, open_early=True, locks=set(),
-                          events=[])
+    context = BootContext(tpm=connection, before_open=warmup.wait_for_dm_crypt, open_early=True, events=[])
     failures: list[UnlockerError] = []
     try:
         if connection is not None:
@@ -54,13 +54,7 @@ def unlock_at_boot(opts: BootOptions) -> None:
         # every path locks: TPM unlock, passphrase, recovery key, failure; only a run told to defer
         # (the busybox hook's early one) leaves a device not found yet to the second run, which locks
         if not (opts.defer_lock and any(isinstance(f, DeviceNotFoundError) for f in failures)):
-            tpm = connection.tpm() if connection is not None else None
-            locking = Background(lambda: lock(tpm, context.locks or set(), context.events or [], opts.tcti), "lock")
-            locking.join(opts.tpm_timeout)
-            if locking.is_alive():
-                say(f"the lock PCR could not be extended: the TPM did not answer within {opts.tpm_timeout:g} s")
-                if connection is not None:
-                    connection.abandon()
+            lock_within(connection, context.events or [], opts.tcti, opts.tpm_timeout)
         if connection is not None:
             connection.close()
     if len(failures) == 1 and len(targets) == 1:
@@ -107,3 +101,18 @@ def _open_target(target: Target, opts: BootOptions, context: BootContext) -> Non
     unlock(UnlockRequest(path, name, tries=opts.tries, tcti=opts.tcti, use_tpm=opts.use_tpm,
                          tpm_timeout=opts.tpm_timeout), context,
            metadata=header[1] if header else None)
+
+
+def lock_within(connection: TpmConnection | None, events: list[bytes], tcti: str | None, seconds: float) -> bool:
+    """lock() on the boot's connection (or one of its own), in a thread: a TPM that stops answering
+    costs at most `seconds`, and the connection is then abandoned. Whether the lock was extended."""
+    done: list[bool] = []
+    locking = Background(lambda: done.append(lock(connection.tpm() if connection is not None else None, events,
+                                                  tcti)), "lock")
+    locking.join(seconds)
+    if locking.is_alive():
+        say(f"the lock PCR could not be extended: the TPM did not answer within {seconds:g} s")
+        if connection is not None:
+            connection.abandon()
+        return False
+    return bool(done and done[0])

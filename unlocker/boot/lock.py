@@ -16,10 +16,12 @@ import os
 from unlocker import initrd
 from unlocker.errors import UnlockerError
 from unlocker.log import say, trace
-from unlocker.options import DEFAULT_LOCK_PCR
+from unlocker.options import LOCK_PCRS
 
 MARKER = "/run/tpm2-unlocker/locked"
 LOCK_EVENT = b"tpm2-unlocker:lock"
+# one event per volume the boot handled; a boot with more (hostile sticks) measures the first ones
+MAX_EVENTS = 16
 
 
 def volume_event(name: str, uuid: str) -> bytes:
@@ -31,9 +33,9 @@ def locked(marker: str = MARKER) -> bool:
     return initrd.in_initrd() and os.path.exists(marker)
 
 
-def lock(tpm: object | None, pcrs: set[int], events: list[bytes], tcti: str | None = None,
-         marker: str = MARKER) -> bool:
-    """Extend each PCR in `pcrs` (and the default lock PCR) with `events` (the lock event when none).
+def lock(tpm: object | None, events: list[bytes], tcti: str | None = None, marker: str = MARKER) -> bool:
+    """Extend each of LOCK_PCRS with `events` (the lock event when none): never a PCR a header
+    names (a header is the attacker's to write).
     `tpm`: the boot's open Tpm, else one is opened for this. True when done; a TPM that cannot be
     reached is said (there is then nothing to unseal either)."""
     from unlocker.tpm.client import Tpm
@@ -44,8 +46,8 @@ def lock(tpm: object | None, pcrs: set[int], events: list[bytes], tcti: str | No
         if tpm is None:
             own = tpm = Tpm(resolve_tcti(tcti))
         assert isinstance(tpm, Tpm)
-        for pcr in sorted({*pcrs, DEFAULT_LOCK_PCR}):
-            for event in events or [LOCK_EVENT]:
+        for pcr in LOCK_PCRS:
+            for event in events[:MAX_EVENTS] or [LOCK_EVENT]:
                 tpm.pcr_event(pcr, event)
             trace(f"lock PCR {pcr} extended")
     except UnlockerError as exc:
@@ -59,7 +61,7 @@ def lock(tpm: object | None, pcrs: set[int], events: list[bytes], tcti: str | No
     try:
         os.makedirs(os.path.dirname(marker), exist_ok=True)
         with open(marker, "w") as f:
-            f.write(" ".join(str(p) for p in sorted({*pcrs, DEFAULT_LOCK_PCR})) + "\n")
+            f.write(" ".join(str(p) for p in LOCK_PCRS) + "\n")
     except OSError:
         pass  # the marker only spares the late `lock` its run
     return True

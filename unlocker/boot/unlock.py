@@ -59,8 +59,7 @@ class BootContext:
     before_open: Callable[[], None] | None = None
     # `cryptsetup open` started while the key is unsealed, the key handed to it after
     open_early: bool = False
-    # filled in for the lock at the end of the boot: the lock PCRs the tokens name, the volumes seen
-    locks: set[int] | None = None
+    # filled in for the lock at the end of the boot: the volumes it handled
     events: list[bytes] | None = None
 
 
@@ -213,8 +212,6 @@ def unlock(opts: UnlockRequest, context: BootContext = NO_CONTEXT, metadata: dic
         pending: PendingOpen | None = None
         try:
             tokens = device.our_tokens()  # parsed once, for the early open and the unseal
-            if context.locks is not None:
-                context.locks.update(t.lock_pcr for _, t in tokens if isinstance(t, Token) and t.lock_pcr is not None)
             pending = start_open(device, tokens, name, test=opts.test) if context.open_early else None
             key, token = _unseal_within(device, tokens, connection, opts.tpm_timeout)
             with key:

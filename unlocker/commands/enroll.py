@@ -115,6 +115,9 @@ def enroll(opts: EnrollOptions) -> Token:
     if existing:
         raise UsageError(f"{opts.device} is already enrolled (token {existing[0]}); "
                          "use 'reseal' to re-seal or 'remove' first")
+    if opts.spec.kind == "file" and not opts.spec.blob_dir.startswith("/etc/tpm2-unlocker/"):
+        say(f"{opts.spec.blob_dir} is not under /etc/tpm2-unlocker/: the initramfs hooks carry no files from there, "
+            "so this enrolment opens the disk on the running system only, not at boot")
     tcti = resolve_tcti(opts.tcti)
     with existing_passphrase(device, opts.unlock_key_file) as passphrase, Tpm(tcti) as tpm, \
             Secret.random(KEY_SIZE) as key:

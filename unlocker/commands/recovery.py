@@ -13,11 +13,13 @@ import sys
 from unlocker import recovery
 from unlocker.commands.enroll import Undo
 from unlocker.errors import UsageError
-from unlocker.lean.run import run, which
+from unlocker.lean.run import run
+from unlocker.log import say
 from unlocker.luks import LuksDevice
 from unlocker.secret import Secret, SecretBuffer
 
 RECOVERY_TOKEN_TYPE = "tpm2-unlocker-recovery"
+QRENCODE = "/usr/bin/qrencode"
 
 
 def recovery_slots(device: LuksDevice) -> list[tuple[int, int]]:
@@ -56,7 +58,9 @@ def show(device: str, slot: int, key: Secret) -> None:
                   "this once, and opens the disk at the passphrase prompt.\n\n    ".encode())
     os.write(out, key.data)
     os.write(out, b"\n\n")
-    program = which("qrencode")
+    if not os.isatty(out):
+        say("the recovery key went to standard output, which is not a terminal: keep what received it safe")
+    program = QRENCODE if os.access(QRENCODE, os.X_OK) else None  # not from $PATH: it is handed the key
     if program is None:
         return
     picture = SecretBuffer(8192)

@@ -50,6 +50,11 @@ def remove(opts: RemoveOptions) -> int:
             say(f"the TPM is not reachable, its NV index stays defined ({exc})")
     try:
         with existing_passphrase(device, opts.unlock_key_file) as passphrase:
+            # the secret given must open a keyslot that stays: whatever the tokens claim (they are
+            # anyone's to write), the disk then still opens with it afterwards
+            if not any(device.test_key(passphrase, slot) for slot in others):
+                raise UsageError(f"{opts.device}: the passphrase given opens only keyslots being removed; "
+                                 "give one of a keyslot that stays")
             for tid, token in tokens:
                 if isinstance(token, CorruptError):
                     say(f"token {tid} is corrupt ({token}); removing the token only")

@@ -7,8 +7,8 @@ DIR/tpm2-unlocker (PyInstaller's bootloader in its one-folder mode, with the sam
 options, built beside the one file and carried inside it) and DIR/_internal (the libraries the one
 file carries). The distributable stays the one file.
 
-`unpack --libraries` lists what the unpacked program takes from the system, and `unpack --blob-dirs`
-the file-store directories the image must carry, for both hooks.
+`unpack --libraries` lists what the unpacked program takes from the system, and `unpack --blob-files`
+the sealed-key files of file stores the image must carry, for both hooks.
 """
 
 from __future__ import annotations
@@ -91,13 +91,23 @@ def unpack(dest: Path) -> Unpacked:
     return Unpacked(program, checked=True)
 
 
-def blob_dirs(devices: list[str] | None = None) -> list[str]:
-    """The directories of the file-store enrolments on `devices` (default: every block device): an
-    initramfs must carry them to unseal those keys at boot (both hooks add them). A header or token
-    that cannot be read is passed over: it names nothing to carry."""
+# The only file stores an image carries: the hooks copy what tokens name, and a token is anyone's to
+# write who holds a disk (a USB stick at image-build time among them): only the pair files a token
+# names in a directory under here are copied, never a directory as such.
+CARRIED_STORES = "/etc/tpm2-unlocker/"
+
+
+def blob_files(devices: list[str] | None = None) -> list[str]:
+    """The sealed-key files of the file-store enrolments on `devices` (default: every block device)
+    whose directory is under CARRIED_STORES: an initramfs must carry them to unseal those keys at
+    boot (both hooks add them). Only regular files, never a link; a header or token that cannot be
+    read is passed over."""
+    import stat
+
     from unlocker.boot.devices import block_devices, read_luks_header
     from unlocker.errors import UnlockerError
     from unlocker.luks import LuksDevice
+    from unlocker.store import blob_paths
     from unlocker.token import Token
 
     found: set[str] = set()
@@ -111,5 +121,15 @@ def blob_dirs(devices: list[str] | None = None) -> list[str]:
             tokens = device.our_tokens()
         except UnlockerError:
             continue
-        found.update(t.blob_dir for _, t in tokens if isinstance(t, Token) and t.store == "file")
+        for _, token in tokens:
+            if not isinstance(token, Token) or token.store != "file":
+                continue
+            if not os.path.normpath(token.blob_dir).startswith(CARRIED_STORES.rstrip("/") + "/"):
+                continue
+            for file in blob_paths(token.blob_dir, token.blob_name):
+                try:
+                    if stat.S_ISREG(os.lstat(file).st_mode):
+                        found.add(file)
+                except OSError:
+                    pass
     return sorted(found)
