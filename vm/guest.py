@@ -104,10 +104,10 @@ class Guest:
                 break
         return BootResult(prompted, root_uptime, (self.work / f"{name}.console.log").read_bytes().decode(errors="replace"))
 
-    def enroll(self, name: str = "enrol", store: str = "token") -> BootResult:
+    def enroll(self, name: str = "enrol", store: str = "token", recovery_key: bool = False) -> BootResult:
         """First boot: passphrase at the initramfs, then `tpm2-unlocker enroll` in the root."""
-        result = self.run_boot(name, extra=f"tpm2u.action=enroll tpm2u.store={store}", answers=[PASSPHRASE],
-                               action_passphrase=PASSPHRASE)
+        extra = f"tpm2u.action=enroll tpm2u.store={store}" + (" tpm2u.recovery=1" if recovery_key else "")
+        result = self.run_boot(name, extra=extra, answers=[PASSPHRASE], action_passphrase=PASSPHRASE)
         if "TPM2U-ACTION-RC=0" not in result.log:
             raise AssertionError(f"enrolment in the guest failed; console log: {self.work / (name + '.console.log')}")
         return result

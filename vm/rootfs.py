@@ -22,12 +22,13 @@ busybox mountpoint -q /dev || busybox mount -t devtmpfs dev /dev
 busybox mountpoint -q /run || busybox mount -t tmpfs run /run
 read up rest </proc/uptime
 echo "@ROOT_MARKER@ uptime=$up"
-action=; store=token; pcrs=sha256:0,2,4,7
+action=; store=token; pcrs=sha256:0,2,4,7; recovery=
 for w in $(cat /proc/cmdline); do
   case "$w" in
     tpm2u.action=*) action=${w#*=} ;;
     tpm2u.store=*) store=${w#*=} ;;
     tpm2u.pcrs=*) pcrs=${w#*=} ;;
+    tpm2u.recovery=1) recovery=--recovery-key ;;
   esac
 done
 disk=/dev/vda
@@ -36,7 +37,7 @@ case "$action" in
     echo "TPM2U-PASSPHRASE-FOR-$action:"
     read -r pw
     if [ "$action" = enroll ]; then
-      printf %s "$pw" | tpm2-unlocker enroll "$disk" --unlock-key-file - --pcrs "$pcrs" --store "$store"
+      printf %s "$pw" | tpm2-unlocker enroll "$disk" --unlock-key-file - --pcrs "$pcrs" --store "$store" $recovery
     elif [ "$action" = reseal ]; then
       printf %s "$pw" | tpm2-unlocker reseal "$disk" --unlock-key-file -
     else
@@ -45,6 +46,10 @@ case "$action" in
     echo "TPM2U-ACTION-RC=$?"
     ;;
   status) tpm2-unlocker status "$disk" ;;
+  unlock-test)  # what anything in the booted root could try: unseal the disk's key again
+    tpm2-unlocker unlock "$disk" --test --tries 0
+    echo "TPM2U-ACTION-RC=$?"
+    tpm2-unlocker status "$disk" ;;
 esac
 echo "@DONE_MARKER@"
 busybox sync

@@ -44,7 +44,7 @@ add_file "$here/init" /init 755
 # without udev, /init loads the disk's modules itself where udev's coldplug would
 coldplug=("${base_modules[@]}")
 [[ $FLAVOUR == udev ]] && coldplug=()
-printf 'COLDPLUG="%s"\nEARLYHOOKS="%s"\nHOOKS="%s"\nCLEANUPHOOKS="%s"\n' "${coldplug[*]}" "${_earlyhooks[*]}" \
-    "${_runhooks[*]}" "${_cleanuphooks[*]}" > "$BUILDROOT/config"
+printf 'COLDPLUG="%s"\nEARLYHOOKS="%s"\nHOOKS="%s"\nCLEANUPHOOKS="%s"\nEMERGENCYHOOKS="%s"\n' "${coldplug[*]}" \
+    "${_earlyhooks[*]}" "${_runhooks[*]}" "${_cleanuphooks[*]}" "${_emergencyhooks[*]}" > "$BUILDROOT/config"
 depmod -b "$BUILDROOT" "$KERNELVERSION"
 (cd "$BUILDROOT" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet | gzip -6) > "$OUT"

@@ -114,11 +114,12 @@ add_runscript() {
     # as mkinitcpio does: the hook's run_earlyhook/run_hook functions put it in EARLYHOOKS/HOOKS
     local name=${1:-${_hook_name}} fn
     add_file "$HOOKSDIR/$name" "/hooks/$name" 755
-    for fn in $(grep -oE '^[[:space:]]*run_(early|cleanup)?hook\b' "$HOOKSDIR/$name"); do
+    for fn in $(grep -oE '^[[:space:]]*run_(early|cleanup|emergency)?hook\b' "$HOOKSDIR/$name"); do
         case $fn in
             run_earlyhook) _earlyhooks+=("$name") ;;
             run_hook) _runhooks+=("$name") ;;
             run_cleanuphook) _cleanuphooks=("$name" "${_cleanuphooks[@]}") ;;
+            run_emergencyhook) _emergencyhooks+=("$name") ;;
         esac
     done
 }
