@@ -96,16 +96,3 @@ def test_the_tpm_fails_and_the_recovery_key_typed_boots(kind: str, artifacts: Ar
     assert result.prompted and "PCR 0 changed since enrolment" in result.log
     assert result.root_uptime is not None
 
-
-def test_a_break_shell_in_the_dracut_image_cannot_unseal(guest_of) -> None:  # type: ignore[no-untyped-def]
-    guest: Guest = guest_of("dracut")
-    with guest.boot("rd-break", extra="rd.break=pre-mount") as b:
-        b.expect("Entering emergency mode", timeout=240)
-        b.type_line(b"tpm2-unlocker unlock /dev/vda --test --tries 0; echo TPM2U-SHELL-RC=$?")
-        b.expect(r"TPM2U-SHELL-RC=(\d+)", timeout=120)
-        rc = int(b.console.match.group(1))
-        b.type_line(b"poweroff -f")
-        b.wait_for_poweroff()
-    log = (guest.work / "rd-break.console.log").read_text(errors="replace")
-    assert "unlocked with the TPM" in log
-    assert rc == 3 and LOCKED in log
