@@ -2,9 +2,10 @@
 
 Targets: the token parser (any JSON value, and mutations of a real token), the LUKS header reader
 (bytes behind a LUKS2 magic, and the tokens of its JSON read as the boot reads them), the kernel
-command line and crypttab parsers, and the sealed-blob unmarshalling. Each input must give either a
-result or one of our typed errors (UnlockerError): anything else escaping is a crash that would
-stop a boot, and fails the run with the input that caused it. Driven by hypothesis; CI runs a
+command line (as words, and as the raw bytes of /proc/cmdline) and crypttab parsers, and the
+sealed-blob unmarshalling. Each input must give either a result or one of our typed errors
+(UnlockerError): anything else escaping is a crash that would stop a boot, and fails the run with
+the input that caused it. Driven by hypothesis; CI runs a
 short pass of each (tests/unit/test_fuzz.py).
 """
 
@@ -24,8 +25,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from unlocker.boot.devices import LUKS_MAGIC, from_cmdline, from_crypttab, has_our_token, read_luks_header
+from unlocker.boot.devices import LUKS_MAGIC, boot_targets, from_cmdline, from_crypttab, has_our_token, read_luks_header
 from unlocker.errors import UnlockerError
+from unlocker.initrd import kernel_words
 from unlocker.luks import LuksDevice
 from unlocker.token import parse_token, parse_token_text
 from unlocker.tpm.seal import SealedObject, sealed_auth_policy, validate_sealed
@@ -130,6 +132,14 @@ def fuzz_cmdline(text: str) -> None:
         assert isinstance(target.source, str)
 
 
+def fuzz_cmdline_bytes(data: bytes) -> None:
+    """/proc/cmdline as the kernel hands it over: any byte, read as the boot reads it."""
+    with open(_scratch.path, "wb") as f:
+        f.write(data)
+    assert all(isinstance(w, str) for w in kernel_words(_scratch.path))
+    boot_targets(_scratch.path, _scratch.path + ".no-crypttab")
+
+
 def fuzz_crypttab(data: bytes) -> None:
     with open(_scratch.path, "wb") as f:
         f.write(data)
@@ -155,6 +165,7 @@ TARGETS: dict[str, tuple[Callable[[Any], None], st.SearchStrategy[Any]]] = {
     "token-text": (fuzz_token_text, st.binary(max_size=300) | mutated_tokens().map(lambda d: json.dumps(d).encode())),
     "header": (fuzz_header, headers),
     "cmdline": (fuzz_cmdline, cmdline_words),
+    "cmdline-bytes": (fuzz_cmdline_bytes, st.binary(max_size=300) | cmdline_words.map(str.encode)),
     "crypttab": (fuzz_crypttab, st.binary(max_size=300) | st.text(max_size=300).map(str.encode)),
     "blob": (fuzz_blob, st.tuples(st.binary(max_size=600), st.binary(max_size=600))),
 }
