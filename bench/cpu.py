@@ -21,10 +21,11 @@ from pathlib import Path
 
 from bench.run import VDA, clear_lockout, enroll
 from vm.guest import PASSPHRASE, Guest, ImageKind
-from vm.images import build_binary
+from vm.images import source_binary
 from vm.initramfs import build_mkinitcpio_busybox
 from vm.kernel import fetch_kernel
 from vm.rootfs import RootImage, build_root_image
+from vm.source import FROM_ENV, chosen
 from vm.swtpm import Swtpm
 
 EVENTS = ("sched:sched_switch", "sched:sched_process_exec", "module:module_load", "module:module_request")
@@ -118,9 +119,11 @@ def main() -> None:
     opts = parser.parse_args()
     work = opts.work or Path(tempfile.mkdtemp(prefix="tpm2-unlocker-cpu-"))
     work.mkdir(parents=True, exist_ok=True)
-    binary = build_binary(work / "dist")
+    source = chosen()
+    print(f"using {source.describe()} ({FROM_ENV}=checkout|installed chooses)", flush=True)
+    binary = source_binary(source, work)
     kernel = fetch_kernel()
-    image = build_mkinitcpio_busybox(kernel, binary, work / "busybox.img")
+    image = build_mkinitcpio_busybox(kernel, binary, work / "busybox.img", hooks=source.mkinitcpio)
     golden = build_root_image(work / "golden", binary, PASSPHRASE)
     disk = work / "root.img"
     shutil.copy(golden.path, disk)

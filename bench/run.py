@@ -6,6 +6,9 @@ In one run, on the same kernel, root image contents and swtpm state, boot N time
   passphrase       dracut systemd image, passphrase typed (the baseline)
   ours-dracut      dracut systemd image + our module
   ours-mkinitcpio  busybox image built by our mkinitcpio install script (vm/minicpio)
+  ours-policyor    ours-dracut's image; the key sealed to PolicyOR over two chains (another value of the
+                   PCR, then the one it has: the boot reads the PCRs, asserts the second branch, then PolicyOR),
+                   as after `reseal --predict` and a boot on the predicted chain
   systemd-tpm2     dracut systemd image + tpm2-tss; a systemd-tpm2 token (systemd-cryptenroll)
   clevis           dracut systemd image + clevis + clevis-pin-tpm2; `clevis luks bind ... tpm2`
 
@@ -45,10 +48,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vm.guest import PASSPHRASE, Guest, ImageKind
-from vm.images import build_binary
+from vm.images import source_binary
 from vm.initramfs import DRACUT_DRIVERS, Initramfs, build_dracut, build_mkinitcpio_busybox
 from vm.kernel import Kernel, fetch_kernel
 from vm.rootfs import RootImage, build_root_image
+from vm.source import FROM_ENV, Source, chosen
 from vm.swtpm import SRK_ATTRS, Swtpm
 from vm.tools import run
 
@@ -56,7 +60,7 @@ REPO = Path(__file__).resolve().parent.parent
 STOPWATCH = REPO / "bench" / "dracut" / "99tpm2u-stopwatch"
 PCRS = "sha256:16"
 LOCKED_PCRS = "sha256:15,16"  # what our enrolments bind: PCRS and the lock PCR
-VARIANTS = ("floor", "passphrase", "ours-dracut", "ours-mkinitcpio", "systemd-tpm2", "clevis")
+VARIANTS = ("floor", "passphrase", "ours-dracut", "ours-mkinitcpio", "ours-policyor", "systemd-tpm2", "clevis")
 # The floor's key file inside its image. Named without a UUID, systemd-cryptsetup-generator takes it for
 # every rd.luks.uuid= disk (`rd.luks.key=UUID-OF-DISK=PATH` would name one); the TPM stays attached, as
 # in every variant, so the machine is the same and only the unlocker differs.
@@ -121,16 +125,20 @@ def floor_key(work: Path) -> Path:
     return key
 
 
-def build_images(kernel: Kernel, binary: Path, work: Path, variants: list[str]) -> dict[str, Initramfs]:
-    extra = {"floor": "", "passphrase": "", "ours-dracut": "", "systemd-tpm2": "tpm2-tss",
+def build_images(kernel: Kernel, binary: Path, work: Path, variants: list[str], source: Source) -> dict[str, Initramfs]:
+    extra = {"floor": "", "passphrase": "", "ours-dracut": "", "ours-policyor": "", "systemd-tpm2": "tpm2-tss",
              "clevis": "clevis clevis-pin-tpm2"}
     images: dict[str, Initramfs] = {}
     for v in variants:
         out = work / f"{v}.img"
+        if v == "ours-policyor" and "ours-dracut" in images:
+            images[v] = images["ours-dracut"]  # the same image: only the token differs
+            continue
         if v == "ours-mkinitcpio":
-            images[v] = build_mkinitcpio_busybox(kernel, binary, out)
+            images[v] = build_mkinitcpio_busybox(kernel, binary, out, hooks=source.mkinitcpio)
         else:
-            images[v] = build_dracut(kernel, binary, out, with_ours=(v == "ours-dracut"),
+            images[v] = build_dracut(kernel, binary, out, with_ours=v in ("ours-dracut", "ours-policyor"),
+                                     module=source.dracut_module,
                                      extra_modules=f"tpm2u-stopwatch {extra[v]}".strip(),
                                      extra_module_dirs=(STOPWATCH,),
                                      include=((floor_key(work), FLOOR_KEY),) if v == "floor" else ())
@@ -148,6 +156,8 @@ def add_floor_key(disk: Path, key: Path) -> None:
 def enroll(variant: str, disk: Path, tpm: Swtpm, binary: Path) -> None:
     if variant in ("ours-dracut", "ours-mkinitcpio"):
         run([binary, "enroll", disk, "--pcrs", PCRS, "--unlock-key-file", "-", "--tcti", tpm.tcti], input=PASSPHRASE)
+    elif variant == "ours-policyor":
+        enroll_two_chains(disk, tpm)
     elif variant == "systemd-tpm2":
         # systemd-cryptenroll (v252) reads the existing passphrase from $PASSWORD
         run(["systemd-cryptenroll", f"--tpm2-device=swtpm:host=127.0.0.1,port={tpm.port}",
@@ -157,12 +167,44 @@ def enroll(variant: str, disk: Path, tpm: Swtpm, binary: Path) -> None:
              '{"pcr_bank":"sha256","pcr_ids":"16"}'], input=PASSPHRASE, env={"TPM2TOOLS_TCTI": tpm.tcti})
 
 
+def enroll_two_chains(disk: Path, tpm: Swtpm) -> None:
+    """Our enrolment with PolicyOR over two chains of PCRS: a value the PCR does not have, then the
+    one it has at every boot (what `reseal --predict` seals, then the boot on the predicted chain).
+    Made with the package's own functions, as the binary in the image reads the same token."""
+    import hashlib
+
+    from unlocker.commands.enroll import prove
+    from unlocker.luks import LuksDevice
+    from unlocker.secret import Secret
+    from unlocker.token import PcrBranch, Token
+    from unlocker.tpm.client import Tpm
+    from unlocker.tpm.policy import PcrSelection
+
+    selection = PcrSelection.parse(PCRS)
+    with Tpm(tpm.tcti) as t, Secret.random(32) as key:
+        now = t.read_pcrs(selection)
+        other = {p: hashlib.sha256(v + b"\x01" * len(v)).digest() for p, v in now.items()}
+        device = LuksDevice(str(disk))
+        slot = device.free_keyslot()
+        device.add_key(PASSPHRASE, key, slot)
+        # `other` first: the boot asserts the second branch, as on a predicted chain
+        token = Token(keyslot=slot, store="token", selection=selection, pcr_values=other, policy_hash=b"",
+                      srk_name=t.srk_name(), srk_public=t.srk_public(), lock_pcr=15,
+                      more_branches=[PcrBranch(selection, now)])
+        token.compute_policy()
+        sealed = t.seal(key, token.policy_hash)
+        token.public, token.private = sealed.public, sealed.private
+        device.import_token(token)
+        prove(t, device, token, key)
+
+
 def cmdline_extra(variant: str, trace: bool = False) -> str:
     if variant == "systemd-tpm2":
         return "rd.luks.options=tpm2-device=auto"
     if variant == "floor":
         return f"rd.luks.key={FLOOR_KEY}"
     return "tpm2_unlocker.debug" if trace and variant.startswith("ours-") else ""
+
 
 
 def timeline(log: bytes) -> list[str]:
@@ -306,14 +348,16 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if "clevis" in variants:
         ensure_clevis()
-    binary = build_binary(work / "dist")
+    source = chosen()
+    print(f"using {source.describe()} ({FROM_ENV}=checkout|installed chooses)", flush=True)
+    binary = source_binary(source, work)
     print(f"frozen binary: {binary.stat().st_size / 1e6:.1f} MB", flush=True)
     host_bench(binary, work)
     if opts.host_only:
         return
     kernel = fetch_kernel()
     print(f"building images ({DRACUT_DRIVERS}) ...", flush=True)
-    images = build_images(kernel, binary, work, variants)
+    images = build_images(kernel, binary, work, variants, source)
     state = work / "tpm"
     golden = build_root_image(work / "golden", binary, PASSPHRASE)
     results: dict[str, Result] = {}

@@ -21,14 +21,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from unlocker.commands.unpack import CONTENTS, LAUNCHER, LEFT_OUT_OF_BUNDLE  # noqa: E402
+from unlocker.commands.unpack import CONTENTS, LAUNCHER, LEFT_OUT_OF_BUNDLE, LEFT_OUT_OF_IMAGE  # noqa: E402
 
 # Where the one-file binary unpacks at each start: under /run, in a folder of its own. (An initramfs
 # carries the program unpacked at image build instead: `tpm2-unlocker unpack`.)
 RUNTIME_TMPDIR = "/run/tpm2-unlocker"
 TCTIS = ("device", "swtpm", "mssim", "pcap")
 # Not on the boot path: keep them out of the bundle (start-up time grows with bundle size).
-EXCLUDES = ("tpm2_pytss", "cryptography", "tkinter", "unittest", "pydoc", "doctest", "lib2to3", "xmlrpc", "sqlite3",
+# cryptography stays in (adopt --from clevis decrypts Clevis's JWE with it, on the installed system);
+# `unpack` leaves it out of the initramfs (LEFT_OUT_OF_IMAGE), so the boot carries none of it.
+EXCLUDES = ("tpm2_pytss", "tkinter", "unittest", "pydoc", "doctest", "lib2to3", "xmlrpc", "sqlite3",
             "multiprocessing", "asyncio", "curses", "distutils", "setuptools", "pip", "pytest", "pexpect",
             "yaml", "pkg_resources", "ssl", "_ssl", "decimal", "_decimal", "unicodedata", "_multibytecodec",
             "_codecs_jp", "_codecs_kr", "_codecs_tw", "_codecs_cn", "_codecs_hk", "_codecs_iso2022", "bz2", "lzma")
@@ -56,7 +58,8 @@ def tcti_libraries() -> list[str]:
 
 
 
-DROPPED_RUNTIME_HOOKS = ("pyi_rth_inspect",)
+# pyi_rth_cryptography_openssl points OpenSSL at a modules folder we do not bundle, at every start.
+DROPPED_RUNTIME_HOOKS = ("pyi_rth_inspect", "pyi_rth_cryptography_openssl")
 
 UNCOMPRESSED_TYPES = ("EXTENSION", "DATA", "BINARY", "EXECUTABLE", "PYSOURCE", "PYMODULE", "SPLASH", "PYZ", "SYMLINK")
 
@@ -69,10 +72,10 @@ UNCOMPRESSED_TYPES = ("EXTENSION", "DATA", "BINARY", "EXECUTABLE", "PYSOURCE", "
 PYTHON_OPTION = "hash_seed=0"
 
 # The same program as PyInstaller's one-folder bootloader (our code and options, no libraries: they
-# are the one file's own), carried inside the one file; `tpm2-unlocker unpack DIR` lays the two out
-# for an initramfs (unlocker/commands/unpack.py).
+# are the one file's own; none of LEFT_OUT_OF_IMAGE's modules), carried inside the one file;
+# `tpm2-unlocker unpack DIR` lays the two out for an initramfs (unlocker/commands/unpack.py).
 LAUNCHER_SPEC = f"""launcher = EXE(
-    pyz,
+    pyz_image,
     a.scripts,
     [({PYTHON_OPTION!r}, None, 'OPTION')],
     exclude_binaries=True,
@@ -114,7 +117,10 @@ def write_spec(work: Path) -> Path:
     # boot never prints: start-up time in the TCG guest (docs/performance.md).
     text = text.replace("pyz = PYZ(a.pure)", f"a.binaries = [b for b in a.binaries if b[0] not in {LEFT_OUT_OF_BUNDLE!r}]\n"
                         f"a.scripts = [s for s in a.scripts if s[0] not in {DROPPED_RUNTIME_HOOKS!r}]\n"
-                        "pyz = PYZ(a.pure)\n" + LAUNCHER_SPEC)
+                        "pyz = PYZ(a.pure)\n"
+                        # the launcher goes into the image: without the modules of what unpack leaves out
+                        f"pyz_image = PYZ([m for m in a.pure if m[0].split('.')[0] not in {LEFT_OUT_OF_IMAGE!r}])\n"
+                        + LAUNCHER_SPEC)
     datas = "    a.datas,\n"
     if text.count(datas) != 1:
         raise SystemExit("unexpected spec layout from pyi-makespec")

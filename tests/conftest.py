@@ -40,3 +40,15 @@ def disk(tmp_path: Path) -> Path:
 @pytest.fixture
 def key_file(tmp_path: Path) -> Path:
     return write_key_file(tmp_path)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which copy of tpm2-unlocker the QEMU boots use ($TPM2_UNLOCKER_FROM, vm/source.py)."""
+    from vm.source import chosen
+
+    return f"tpm2-unlocker: the VM images use {chosen().describe()}"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    # again at the end: `-q` (CI's) leaves out the header
+    terminalreporter.write_line(pytest_report_header(terminalreporter.config))

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from vm.guest import PASSPHRASE  # noqa: E402,F401  (one test passphrase for host and guest)
@@ -36,12 +37,17 @@ def run_cli(*args: str, tpm: Swtpm | None = None, input: bytes | None = None,
                           capture_output=True, env=full_env, timeout=timeout)
 
 
-def make_luks_image(path: Path, passphrase: bytes = PASSPHRASE, size_mb: int = 20) -> Path:
-    """A real LUKS2 image with one passphrase keyslot (PBKDF2 kept cheap so tests stay fast)."""
+CHEAP_PBKDF2 = ("--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000")
+# a passphrase keyslot as luksFormat makes it (argon2id), at a cost kept small so tests stay fast
+CHEAP_ARGON2ID = ("--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-memory", "32768")
+
+
+def make_luks_image(path: Path, passphrase: bytes = PASSPHRASE, size_mb: int = 20,
+                    pbkdf: tuple[str, ...] = CHEAP_PBKDF2) -> Path:
+    """A real LUKS2 image with one passphrase keyslot (its PBKDF kept cheap so tests stay fast)."""
     with open(path, "wb") as f:
         f.truncate(size_mb * 1024 * 1024)
-    subprocess.run(["cryptsetup", "luksFormat", "--type", "luks2", "--batch-mode", "--pbkdf", "pbkdf2",
-                    "--pbkdf-force-iterations", "1000", "--key-file=-", str(path)],
+    subprocess.run(["cryptsetup", "luksFormat", "--type", "luks2", "--batch-mode", *pbkdf, "--key-file=-", str(path)],
                    input=passphrase, check=True, capture_output=True)
     return path
 
@@ -87,6 +93,35 @@ def tpm2_tools_unseal(tpm: Swtpm, blob: Path, pcrs: str, work: Path, name: str =
     return key
 
 
+CLEVIS_CONFIG = '{"pcr_bank":"sha256","pcr_ids":"0,7"}'
+
+
+def systemd_enroll(disk: Path, key_file: Path, tpm: Swtpm, pcrs: str = "0+7", pin: bytes | None = None) -> dict:
+    """systemd-cryptenroll --tpm2-device=swtpm:... (the existing passphrase from a file); its token."""
+    env = dict(os.environ)
+    args = ["systemd-cryptenroll", f"--tpm2-device={tpm.tcti}", f"--tpm2-pcrs={pcrs}", f"--unlock-key-file={key_file}"]
+    if pin is not None:
+        env["NEWPIN"] = pin.decode()  # systemd-cryptenroll's own way to take a PIN without a terminal
+        args.append("--tpm2-with-pin=yes")
+    done = subprocess.run([*args, str(disk)], env=env, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
+    # systemd 252 leaves its unseal's HMAC session loaded; with no resource manager (swtpm here) it
+    # stays until flushed, as the kernel's would flush it when the process ends
+    tpm.tools("tpm2_flushcontext", "--loaded-session")
+    (token,) = [t for t in luks_json(disk)["tokens"].values() if t["type"] == "systemd-tpm2"]
+    return token
+
+
+def clevis_bind(disk: Path, tpm: Swtpm, config: str = CLEVIS_CONFIG) -> dict:
+    """clevis luks bind -d DISK tpm2 CONFIG (the existing passphrase on stdin); its token."""
+    done = subprocess.run(["clevis", "luks", "bind", "-y", "-k", "-", "-d", str(disk), "tpm2", config],
+                          input=PASSPHRASE, env=dict(os.environ, TPM2TOOLS_TCTI=tpm.tcti), capture_output=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    (token,) = [t for t in luks_json(disk)["tokens"].values() if t["type"] == "clevis"]
+    return token
+
+
 SEED_SECRET = b"my secret\n"  # what the ArchWiki recipe's `echo "my secret" | ...` seals
 
 
@@ -114,6 +149,38 @@ def seal_the_archwiki_way(tpm: Swtpm, work: Path, pcrs: str, secret: bytes = SEE
               f"--private={priv}", f"--policy={pol}", input=secret)
     tpm.tools("tpm2_flushcontext", "-t")
     return pub, priv
+
+
+LUKS2_CSUM_OFFSET = 448  # the binary header's checksum field (64 bytes; SHA-256 fills the first 32)
+
+
+def rewrite_header_json(disk: Path, edit: Callable[[dict], object], *, copies: tuple[int, ...] = (0, 1),
+                        seqid_step: int = 0) -> None:
+    """Change the LUKS2 JSON metadata as one who holds the disk can: `edit` changes the primary's
+    document in place, which is written into the header copies named (0 primary, 1 secondary) with
+    their checksums recomputed (cryptsetup checks them), their sequence id raised by `seqid_step`."""
+    import hashlib
+    import struct
+
+    with open(disk, "r+b") as f:
+        primary = f.read(4096)
+        size = struct.unpack(">Q", primary[8:16])[0]
+        f.seek(4096)
+        document = json.loads(f.read(size - 4096).split(b"\0", 1)[0])
+        edit(document)
+        text = json.dumps(document, separators=(",", ":")).encode()
+        assert len(text) < size - 4096
+        for copy in copies:
+            f.seek(copy * size)
+            area = bytearray(f.read(4096))
+            assert area[:6] in (b"LUKS\xba\xbe", b"SKUL\xba\xbe")
+            seqid = struct.unpack(">Q", area[16:24])[0] + seqid_step
+            area[16:24] = struct.pack(">Q", seqid)
+            area += text + bytes(size - 4096 - len(text))
+            area[LUKS2_CSUM_OFFSET:LUKS2_CSUM_OFFSET + 64] = bytes(64)
+            area[LUKS2_CSUM_OFFSET:LUKS2_CSUM_OFFSET + 32] = hashlib.sha256(area).digest()
+            f.seek(copy * size)
+            f.write(area)
 
 
 def replace_token(disk: Path, token_id: str, token: dict) -> None:

@@ -14,7 +14,7 @@ import sys
 from types import SimpleNamespace
 
 from unlocker import TYPE_CHECKING, __version__, initrd, options
-from unlocker.errors import EXIT_INTERNAL, EXIT_OK, NoTpmError, UnlockerError, UsageError
+from unlocker.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, NoTpmError, UnlockerError, UsageError
 from unlocker.log import debug_on_cmdline, hint, say, set_debug, trace
 
 if TYPE_CHECKING:
@@ -29,8 +29,12 @@ def verb_enroll(opts: argparse.Namespace) -> int:
 
     token = enroll(EnrollOptions(opts.device, opts.pcrs, StoreSpec.parse(opts.store), opts.unlock_key_file, opts.tcti,
                                  recovery_key=opts.recovery_key,
-                                 lock_pcr=None if opts.lock_pcr == options.NO_LOCK else opts.lock_pcr))
-    say(f"{opts.device}: enrolled keyslot {token.keyslot} sealed to {token.selection} "
+                                 lock_pcr=None if opts.lock_pcr == options.NO_LOCK else opts.lock_pcr,
+                                 with_pin=opts.with_pin, pin_file=opts.pin_file, signing_key=opts.signing_key))
+    pin = " and a PIN" if token.pin else ""
+    if token.signed is not None:
+        pin += ", or values its signing key approves (sign-policy)"
+    say(f"{opts.device}: enrolled keyslot {token.keyslot} sealed to {token.selection}{pin} "
         f"({token.describe_store()}, token {token.token_id}); the passphrase still opens the disk")
     return EXIT_OK
 
@@ -53,7 +57,8 @@ def verb_unlock(opts: argparse.Namespace) -> int:
         if opts.test or opts.name:
             raise UsageError("--test and NAME need a DEVICE")
         unlock_at_boot(BootOptions(opts.tries, opts.tcti, opts.timeout, use_tpm=not opts.no_tpm,
-                                   defer_lock=opts.defer_lock, tpm_timeout=opts.tpm_timeout))
+                                   defer_lock=opts.defer_lock, tpm_timeout=opts.tpm_timeout,
+                                   defer_pin=opts.defer_pin))
     else:
         unlock(UnlockRequest(opts.device, opts.name, test=opts.test, tries=opts.tries, tcti=opts.tcti,
                              use_tpm=not opts.no_tpm, tpm_timeout=opts.tpm_timeout))
@@ -75,12 +80,56 @@ def verb_lock(opts: argparse.Namespace) -> int:
 
 
 def verb_reseal(opts: argparse.Namespace) -> int:
-    from unlocker.commands.reseal import KEEP, ResealOptions, reseal
+    from unlocker.commands.reseal import KEEP, Prediction, ResealOptions, reseal
 
     lock = KEEP if opts.lock_pcr is None else None if opts.lock_pcr == options.NO_LOCK else opts.lock_pcr
-    for token in reseal(ResealOptions(opts.device, opts.pcrs, opts.unlock_key_file, opts.tcti, lock_pcr=lock)):
-        say(f"{opts.device}: re-sealed keyslot {token.keyslot} to the current values of {token.selection} "
+    if opts.with_pin and opts.without_pin:
+        raise UsageError("--with-pin and --without-pin exclude each other")
+    if opts.without_pin and opts.pin_file is not None:
+        raise UsageError("--pin-file gives a PIN to seal with; --without-pin seals without one")
+    with_pin = True if opts.with_pin or opts.pin_file is not None else False if opts.without_pin else None
+    components = {a.dest: getattr(opts, a.dest) for a in options.PREDICT_ARGS}
+    if not opts.predict and any(v is not None for v in components.values()):
+        raise UsageError("--kernel, --bootloader, --initrd and --cmdline go with --predict")
+    prediction = Prediction(**components) if opts.predict else None
+    for token in reseal(ResealOptions(opts.device, opts.pcrs, opts.unlock_key_file, opts.tcti, lock_pcr=lock,
+                                      with_pin=with_pin, pin_file=opts.pin_file, predict=prediction)):
+        pin = " and a PIN" if token.pin else ""
+        more = len(token.more_branches)
+        chains = f" and {more} further chain{'s' if more > 1 else ''} (PolicyOR)" if more else ""
+        say(f"{opts.device}: re-sealed keyslot {token.keyslot} to the current values of {token.selection}{chains}{pin} "
             f"({token.describe_store()}, token {token.token_id})")
+    return EXIT_OK
+
+
+def verb_prepare_update(opts: argparse.Namespace) -> int:
+    from unlocker.commands.prepare_update import PrepareOptions, prepare_update
+
+    for device, token in prepare_update(PrepareOptions(opts.device, opts.firmware, opts.secure_boot, opts.boots,
+                                                       opts.unlock_key_file, opts.tcti, opts.pin_file)):
+        grace = token.grace
+        assert grace is not None
+        left = ", ".join(str(p) for p in grace.left_out)
+        say(f"{device}: ready for the firmware update: the next boot may change PCR {left} once (within "
+            f"{opts.boots} boot(s)); it then re-seals to the new values (token {token.token_id})")
+    return EXIT_OK
+
+
+def verb_sign_policy(opts: argparse.Namespace) -> int:
+    from unlocker.commands.reseal import Prediction
+    from unlocker.commands.sign_policy import SignOptions, sign_policy
+
+    if opts.key is None:
+        raise UsageError("sign-policy needs --key PRIV.pem (the private half of the enrolment's --signing-key)")
+    components = {a.dest: getattr(opts, a.dest) for a in options.PREDICT_ARGS}
+    if not opts.predict and any(v is not None for v in components.values()):
+        raise UsageError("--kernel, --bootloader, --initrd and --cmdline go with --predict")
+    prediction = Prediction(**components) if opts.predict else None
+    for device, signature in sign_policy(SignOptions(opts.device, opts.key, opts.tcti, opts.pcrs, prediction,
+                                                     opts.retire_older)):
+        retired = "; older signatures are retired" if opts.retire_older else ""
+        say(f"{device}: approved the values of {signature.selection} (signature token {signature.token_id}, "
+            f"epoch {signature.epoch}){retired}")
     return EXIT_OK
 
 
@@ -88,6 +137,20 @@ def verb_status(opts: argparse.Namespace) -> int:
     from unlocker.commands.status import render, status
 
     result = status(opts.device, opts.tcti)
+    if opts.json:
+        import json
+
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(render(result))
+    return EXIT_OK
+
+
+def verb_predict(opts: argparse.Namespace) -> int:
+    from unlocker.commands.predict import PredictOptions, predict, render
+
+    result = predict(PredictOptions(opts.pcrs, kernel=opts.kernel, bootloader=opts.bootloader, initrd=opts.initrd,
+                                    cmdline=opts.cmdline, eventlog=opts.eventlog, tcti=opts.tcti))
     if opts.json:
         import json
 
@@ -109,6 +172,10 @@ def verb_adopt(opts: argparse.Namespace) -> int:
     from unlocker.commands.adopt import AdoptOptions, adopt
     from unlocker.token import parse_nv_index
 
+    if getattr(opts, "from") is not None:
+        return _adopt_from(opts)
+    if opts.replace or opts.pin_file is not None:
+        raise UsageError("--replace and --pin-file go with --from systemd|clevis")
     if (opts.blob is None) == (opts.nv is None):
         raise UsageError("adopt takes one of --blob PUB PRIV or --nv INDEX")
     if opts.pcrs is None:
@@ -117,6 +184,22 @@ def verb_adopt(opts: argparse.Namespace) -> int:
     blob = (opts.blob[0], opts.blob[1]) if opts.blob else None
     token = adopt(AdoptOptions(opts.device, opts.pcrs, blob, nv_index, opts.tcti))
     say(f"{opts.device}: adopted {token.describe_store()} for keyslot {token.keyslot} (token {token.token_id})")
+    return EXIT_OK
+
+
+def _adopt_from(opts: argparse.Namespace) -> int:
+    from unlocker.commands.adopt_from import ENROLLED_BY, AdoptFromOptions, adopt_from
+
+    tool = getattr(opts, "from")
+    if opts.blob is not None or opts.nv is not None:
+        raise UsageError("--from takes over another tool's enrolment: give it without --blob or --nv")
+    done = adopt_from(AdoptFromOptions(opts.device, tool, opts.replace, opts.pcrs, opts.pin_file, opts.tcti))
+    token, theirs = done.token, f"{ENROLLED_BY[tool]}'s token {done.other_token_id} and keyslot {done.other_keyslot}"
+    pin = " and its PIN" if token.pin else ""
+    say(f"{opts.device}: adopted {tool}'s enrolment: enrolled keyslot {token.keyslot} sealed to {token.selection}{pin} "
+        f"({token.describe_store()}, token {token.token_id}); "
+        + (f"removed {theirs}" if done.replaced else f"{theirs} stay (remove them later with {done.retire_command})")
+        + f"; {done.remaining_text}")
     return EXIT_OK
 
 
@@ -144,8 +227,10 @@ def verb_unpack(opts: argparse.Namespace) -> int:
 
 VERB_FUNCTIONS: dict[str, Callable[[argparse.Namespace], int]] = {
     "enroll": verb_enroll, "recovery-key": verb_recovery_key, "unlock": verb_unlock, "lock": verb_lock,
-    "reseal": verb_reseal, "status": verb_status,
+    "reseal": verb_reseal, "prepare-update": verb_prepare_update, "sign-policy": verb_sign_policy,
+    "status": verb_status,
     "remove": verb_remove, "adopt": verb_adopt, "unpack": verb_unpack,
+    "predict": verb_predict,
 }
 
 
@@ -247,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         say("interrupted")
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # our reader went away (`status --json | head`): nothing left to say to it
         return EXIT_OK

@@ -16,6 +16,25 @@ EXIT_CRYPTSETUP = 7
 EXIT_NO_DEVICE = 8
 # a bug of ours (an exception no code path expected): never success, never a user's mistake
 EXIT_INTERNAL = 9
+EXIT_PIN_NEEDED = 10
+EXIT_INTERRUPTED = 130
+
+# What each code means, for the README's table and the man page's EXIT STATUS (docgen/manpage.py;
+# tests/unit/test_manpage.py holds the README to it).
+EXIT_CODES: tuple[tuple[int, str], ...] = (
+    (EXIT_OK, "done"),
+    (EXIT_USAGE, "usage"),
+    (EXIT_NO_TPM, "no usable TPM (or not the enrolled one)"),
+    (EXIT_POLICY, "PCR policy not satisfied (or the key is locked for this boot)"),
+    (EXIT_LOCKOUT, "TPM lockout"),
+    (EXIT_CORRUPT, "corrupt token, blob or NV index"),
+    (EXIT_WRONG_PASSPHRASE, "wrong passphrase after N tries (or a wrong TPM PIN)"),
+    (EXIT_CRYPTSETUP, "cryptsetup failed"),
+    (EXIT_NO_DEVICE, "device not found"),
+    (EXIT_INTERNAL, "internal error (a bug; the message says to run with --debug)"),
+    (EXIT_PIN_NEEDED, "the key needs the TPM PIN and none was given (or a run told --defer-pin left it to the next)"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
+)
 
 
 class UnlockerError(Exception):
@@ -70,6 +89,16 @@ class CorruptError(UnlockerError):
 
 class WrongPassphraseError(UnlockerError):
     exit_code = EXIT_WRONG_PASSPHRASE
+
+
+class BadPinError(WrongPassphraseError):
+    """The TPM refused the PIN (its dictionary-attack counter went up by one)."""
+
+
+class PinNeededError(UnlockerError):
+    """The key needs the TPM PIN and none was given (or this run leaves asking to a later one)."""
+
+    exit_code = EXIT_PIN_NEEDED
 
 
 class CryptsetupError(UnlockerError):

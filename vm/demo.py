@@ -19,6 +19,7 @@ from pathlib import Path
 from .guest import PASSPHRASE, BootResult, Guest
 from .images import build_artifacts
 from .rootfs import build_root_image
+from .source import FROM_ENV, chosen
 
 SHOW = re.compile(r"tpm2-unlocker|TPM2U|passphrase|Passphrase|PCR", re.I)
 ANSI = re.compile(r"\x1b\[[0-9;=?]*[A-Za-z]")
@@ -40,8 +41,10 @@ def main() -> None:
     opts = parser.parse_args()
     work = opts.work or Path(tempfile.mkdtemp(prefix="tpm2-unlocker-demo-"))
     started = time.monotonic()
+    source = chosen()
+    print(f"using {source.describe()} ({FROM_ENV}=checkout|installed chooses)", flush=True)
     print(f"building the binary, the kernel and the {opts.kind} initramfs in {work} ...", flush=True)
-    artifacts = build_artifacts(work / "build", (opts.kind,))
+    artifacts = build_artifacts(work / "build", (opts.kind,), source)
     image = artifacts.images[opts.kind]
     print(f"  binary {artifacts.binary.stat().st_size / 1e6:.1f} MB; initramfs {image.size_mb:.1f} MB "
           f"built in {image.build_seconds:.0f} s; kernel {artifacts.kernel.version}")

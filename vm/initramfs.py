@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .kernel import Kernel
+from .source import CHECKOUT, DRACUT_MODULES
 from .tools import HarnessError, run
 
 REPO = Path(__file__).resolve().parent.parent
-DRACUT_MODULE = REPO / "dracut" / "90tpm2-unlocker"
+DRACUT_MODULE = CHECKOUT.dracut_module
 MINICPIO = Path(__file__).resolve().parent / "minicpio"
 # One explicit module list for every dracut image (with --no-hostonly alone dracut takes every module
 # installed on the host); each variant adds only what its unlocker needs.
@@ -42,8 +43,9 @@ class Initramfs:
         return self.path.stat().st_size / 1e6
 
 
-def _dracut_base_dir(work: Path, extra_module_dirs: tuple[Path, ...] = ()) -> Path:
-    """dracut's base dir with our module added beside its own (the host's /usr/lib/dracut untouched)."""
+def _dracut_base_dir(work: Path, module: Path = DRACUT_MODULE, extra_module_dirs: tuple[Path, ...] = ()) -> Path:
+    """dracut's base dir with our `module` added beside its own (the host's /usr/lib/dracut untouched).
+    `module` may be the host's installed one: then it is linked like the others."""
     base = work / "dracut"
     if base.exists():
         shutil.rmtree(base)
@@ -51,20 +53,26 @@ def _dracut_base_dir(work: Path, extra_module_dirs: tuple[Path, ...] = ()) -> Pa
     for entry in Path("/usr/lib/dracut").iterdir():
         if entry.name != "modules.d":
             (base / entry.name).symlink_to(entry)
-    for module in Path("/usr/lib/dracut/modules.d").iterdir():
-        (base / "modules.d" / module.name).symlink_to(module)
-    for module in (DRACUT_MODULE, *extra_module_dirs):
-        shutil.copytree(module, base / "modules.d" / module.name)
+    given = [m for m in (module, *extra_module_dirs) if m.parent != DRACUT_MODULES]
+    ours = {m.name for m in given}
+    for host_module in DRACUT_MODULES.iterdir():
+        # a copy installed on the host (a package, the README's manual install) is not what is tested
+        # unless it is the module given: the module given takes its place
+        if host_module.name not in ours:
+            (base / "modules.d" / host_module.name).symlink_to(host_module)
+    for m in given:
+        shutil.copytree(m, base / "modules.d" / m.name)
     return base
 
 
 def build_dracut(kernel: Kernel, binary: Path, out: Path, *, systemd: bool = True, with_ours: bool = True,
                  extra_modules: str = "", extra_module_dirs: tuple[Path, ...] = (),
-                 include: tuple[tuple[Path, str], ...] = ()) -> Initramfs:
-    """`include`: (host file, path in the image) pairs, put in by dracut's --include."""
+                 include: tuple[tuple[Path, str], ...] = (), module: Path = DRACUT_MODULE) -> Initramfs:
+    """`include`: (host file, path in the image) pairs, put in by dracut's --include; `module`: our
+    dracut module (the checkout's, or the installed one: vm/source.py)."""
     work = out.parent / (out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
-    base = _dracut_base_dir(work, extra_module_dirs)
+    base = _dracut_base_dir(work, module, extra_module_dirs)
     empty_confdir = work / "conf.d"
     empty_confdir.mkdir(exist_ok=True)
     modules = DRACUT_BASE_MODULES if systemd else DRACUT_SHELL_MODULES
@@ -94,14 +102,15 @@ def image_files(image: Path) -> set[str]:
     return set(listing.splitlines())
 
 
-def build_mkinitcpio_busybox(kernel: Kernel, binary: Path, out: Path, *, udev: bool = True) -> Initramfs:
+def build_mkinitcpio_busybox(kernel: Kernel, binary: Path, out: Path, *, udev: bool = True,
+                             hooks: Path = CHECKOUT.mkinitcpio, plymouth: bool = False) -> Initramfs:
     """Our install script's build() run by minicpio's add_* functions into a busybox image, after the
-    harness's udev hook (Arch's default HOOKS have udev; `udev=False` makes a bare image)."""
+    harness's udev hook (Arch's default HOOKS have udev; `udev=False` makes a bare image) and, with
+    `plymouth`, its plymouth hook (Debian's plymouth, details on the serial console). `hooks`: the
+    folder with install/ and hooks/ (the checkout's mkinitcpio/, or the installed /usr/lib/initcpio)."""
     started = time.monotonic()
-    run(["bash", MINICPIO / "build.sh", kernel.version, kernel.moddir, REPO / "mkinitcpio", out,
-         "udev" if udev else "bare"],
-        env={"TPM2_UNLOCKER_BINARY": str(binary), "TPM2_UNLOCKER_UNIT": str(DRACUT_MODULE / "tpm2-unlocker.service"),
-             "TPM2_UNLOCKER_SKIP_CONF": str(DRACUT_MODULE / "systemd-cryptsetup-skip.conf"),
-             "TPM2_UNLOCKER_LOCK_UNIT": str(DRACUT_MODULE / "tpm2-unlocker-lock.service"),
-             "PATH": os.environ["PATH"] + ":/usr/sbin:/sbin"})
-    return Initramfs(out, "mkinitcpio-busybox" + ("" if udev else "-bare"), time.monotonic() - started)
+    flavour = "plymouth" if plymouth else "udev" if udev else "bare"
+    run(["bash", MINICPIO / "build.sh", kernel.version, kernel.moddir, hooks, out, flavour],
+        env={"TPM2_UNLOCKER_BINARY": str(binary), "PATH": os.environ["PATH"] + ":/usr/sbin:/sbin"})
+    return Initramfs(out, "mkinitcpio-busybox" + ("-plymouth" if plymouth else "" if udev else "-bare"),
+                     time.monotonic() - started)

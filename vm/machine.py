@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pexpect
 
+from .esp import Esp
 from .kernel import Kernel
 from .swtpm import GuestTpm
 
@@ -32,6 +33,14 @@ class BootConfig:
     memory_mb: int = 1024
     cpus: int = 1
     extra_cmdline: str = ""
+    # "direct": OVMF loads -kernel/-initrd itself (fast: the bench and most scenarios); "systemd-boot":
+    # OVMF starts systemd-boot from `esp`, which boots the kernel and initrd laid out there (vm/esp.py)
+    loader: str = "direct"
+    esp: Esp | None = None
+
+    @property
+    def full_cmdline(self) -> str:
+        return f"console=ttyS0 panic=-1 {self.cmdline} {self.extra_cmdline}".strip()
 
 
 @dataclass
@@ -56,10 +65,21 @@ def qemu_command(cfg: BootConfig, vars_copy: Path, tpm: GuestTpm | None) -> list
     argv = ["qemu-system-x86_64", "-accel", "tcg", "-machine", "q35", "-m", str(cfg.memory_mb), "-smp", str(cfg.cpus),
             "-nographic", "-no-reboot", "-serial", "mon:stdio", "-nodefaults",
             "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
-            "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
-            "-kernel", str(cfg.kernel.vmlinuz), "-initrd", str(cfg.initrd),
-            "-append", f"console=ttyS0 panic=-1 {cfg.cmdline} {cfg.extra_cmdline}".strip(),
-            "-drive", f"file={cfg.disk},if=virtio,format=raw"]
+            "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}"]
+    if cfg.loader == "direct":
+        argv += ["-kernel", str(cfg.kernel.vmlinuz), "-initrd", str(cfg.initrd), "-append", cfg.full_cmdline]
+    if cfg.loader == "direct":
+        argv += ["-drive", f"file={cfg.disk},if=virtio,format=raw"]
+    elif cfg.loader == "systemd-boot":
+        assert cfg.esp is not None, "a systemd-boot boot needs its ESP"
+        # the root in the lower PCI slot stays /dev/vda in the guest (Linux probes in slot order); the
+        # firmware boots the ESP's disk first
+        argv += ["-drive", f"file={cfg.disk},if=none,id=root,format=raw",
+                 "-device", "virtio-blk-pci,drive=root,addr=0x3",
+                 "-drive", f"file={cfg.esp.path},if=none,id=esp,format=raw",
+                 "-device", "virtio-blk-pci,drive=esp,addr=0x4,bootindex=0"]
+    else:
+        raise ValueError(f"unknown loader {cfg.loader}")
     if tpm is not None:
         argv += tpm.qemu_args()
     return argv
@@ -73,6 +93,9 @@ def boot(cfg: BootConfig, work: Path, name: str) -> Iterator[Boot]:
     vars_copy = work / f"vars-{cfg.firmware}.fd"
     if not vars_copy.exists():
         shutil.copy(vars_template, vars_copy)
+    if cfg.loader == "systemd-boot":
+        assert cfg.esp is not None
+        cfg.esp.write_entry(cfg.full_cmdline, work)  # this boot's command line, measured by the loader
     log_path = work / f"{name}.console.log"
     log = open(log_path, "wb")
     tpm = GuestTpm(cfg.tpm_state, work / "swtpm.sock") if cfg.tpm_state is not None else None

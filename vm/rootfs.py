@@ -7,13 +7,15 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .source import chosen
 from .tools import install_program, run
 
 ROOT_MARKER = "TPM2U-ROOT-REACHED"
 DONE_MARKER = "TPM2U-ROOT-DONE"
 
 # The root's init: report, then do what the command line asks (enrol/re-seal inside the booted
-# guest, so the PCRs are the real boot values), then power off. Passphrases are read from the console.
+# guest, so the PCRs are the real boot values), then power off. Passphrases (and with tpm2u.pin=1 the
+# enrolment's TPM PIN) are read from the console.
 ROOT_INIT = r"""#!/bin/busybox sh
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 busybox mountpoint -q /proc || busybox mount -t proc proc /proc
@@ -22,24 +24,60 @@ busybox mountpoint -q /dev || busybox mount -t devtmpfs dev /dev
 busybox mountpoint -q /run || busybox mount -t tmpfs run /run
 read up rest </proc/uptime
 echo "@ROOT_MARKER@ uptime=$up"
-action=; store=token; pcrs=sha256:0,2,4,7; recovery=
-for w in $(cat /proc/cmdline); do
+# securityfs: the firmware's event log (enroll records what it measured, predict reads it)
+busybox mkdir -p /sys/kernel/security
+busybox mountpoint -q /sys/kernel/security || busybox mount -t securityfs securityfs /sys/kernel/security
+# a guest booted through systemd-boot: its ESP (the second disk) at /efi, read-only, and the words the
+# host left for this boot there (the kernel command line is measured: it stays the same from boot to boot)
+words=$(cat /proc/cmdline)
+if [ -d /lib/modules/tpm2u ]; then
+  for m in fat vfat nls_cp437 nls_ascii nls_utf8; do busybox insmod /lib/modules/tpm2u/$m.ko 2>/dev/null; done
+  busybox mount -t vfat -o ro /dev/vdb1 /efi 2>/dev/null && [ -f /efi/tpm2u-action ] && words="$words $(cat /efi/tpm2u-action)"
+fi
+action=; store=token; pcrs=sha256:0,2,4,7; recovery=; withpin=; measure=; predict=; hook=
+for w in $words; do
   case "$w" in
     tpm2u.action=*) action=${w#*=} ;;
     tpm2u.store=*) store=${w#*=} ;;
     tpm2u.pcrs=*) pcrs=${w#*=} ;;
     tpm2u.recovery=1) recovery=--recovery-key ;;
+    tpm2u.pin=1) withpin=1 ;;
+    tpm2u.measure=1) measure=1 ;;
+    tpm2u.predict=1) predict=1 ;;
+    tpm2u.hook=*) hook=${w#*=} ;;
   esac
 done
+if [ -n "$measure" ]; then
+  # what the firmware logged and what the TPM holds now (read by the kernel, not by us), for the host
+  echo "TPM2U-EVENTLOG-BEGIN"
+  busybox base64 /sys/kernel/security/tpm0/binary_bios_measurements
+  echo "TPM2U-EVENTLOG-END"
+  for bank in sha1 sha256 sha384 sha512; do
+    [ -d /sys/class/tpm/tpm0/pcr-$bank ] || continue
+    for p in 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23; do
+      echo "TPM2U-PCR $bank $p $(busybox cat /sys/class/tpm/tpm0/pcr-$bank/$p)"
+    done
+  done
+fi
 disk=/dev/vda
 case "$action" in
-  enroll|reseal|remove)
+  enroll|reseal|remove|prepare-update)
     echo "TPM2U-PASSPHRASE-FOR-$action:"
     read -r pw
-    if [ "$action" = enroll ]; then
+    if [ "$action" = enroll ] && [ -n "$withpin" ]; then
+      # the PIN after the passphrase, given on fd 3 (stdin carries the passphrase; never in argv)
+      echo "TPM2U-PIN-FOR-$action:"
+      read -r pin
+      printf %s "$pw" | tpm2-unlocker enroll "$disk" --unlock-key-file - --pcrs "$pcrs" --store "$store" $recovery \
+        --with-pin --pin-file /proc/self/fd/3 3<<EOF
+$pin
+EOF
+    elif [ "$action" = enroll ]; then
       printf %s "$pw" | tpm2-unlocker enroll "$disk" --unlock-key-file - --pcrs "$pcrs" --store "$store" $recovery
     elif [ "$action" = reseal ]; then
       printf %s "$pw" | tpm2-unlocker reseal "$disk" --unlock-key-file -
+    elif [ "$action" = prepare-update ]; then
+      printf %s "$pw" | tpm2-unlocker prepare-update --firmware "$disk" --unlock-key-file -
     else
       printf %s "$pw" | tpm2-unlocker remove "$disk" --unlock-key-file -
     fi
@@ -51,6 +89,28 @@ case "$action" in
     echo "TPM2U-ACTION-RC=$?"
     tpm2-unlocker status "$disk" ;;
 esac
+if [ "$hook" = postinst ]; then
+  # a kernel package's install as Debian runs it: /etc/kernel/postinst.d with the version and the
+  # image, here the update the host staged on the ESP (vmlinuz-V and initrd.img-V); its reseal asks for
+  # the passphrase on the terminal (cttyhack gives the hook the console as one)
+  kver=$(busybox uname -r)
+  echo "TPM2U-HOOK-BEGIN"
+  TPM2_UNLOCKER_BOOTDIR=/efi/staged busybox setsid busybox cttyhack \
+    /etc/kernel/postinst.d/zz-tpm2-unlocker "$kver" "/efi/staged/vmlinuz-$kver"
+  echo "TPM2U-HOOK-END rc=$?"
+fi
+if [ -n "$predict" ]; then
+  # the PCRs of a boot with what the host staged on the ESP (the update's new files and command line)
+  kver=$(busybox uname -r)
+  set --
+  for f in linux "vmlinuz-$kver"; do [ -f "/efi/staged/$f" ] && set -- "$@" --kernel "/efi/staged/$f"; done
+  [ -f /efi/staged/BOOTX64.EFI ] && set -- "$@" --bootloader /efi/staged/BOOTX64.EFI
+  for f in initrd "initrd.img-$kver"; do [ -f "/efi/staged/$f" ] && set -- "$@" --initrd "/efi/staged/$f"; done
+  [ -f /efi/staged/cmdline ] && set -- "$@" --cmdline "$(cat /efi/staged/cmdline)"
+  echo "TPM2U-PREDICT-BEGIN"
+  tpm2-unlocker predict --pcrs sha256:0,1,2,3,4,5,6,7,8,9,12,14,15 "$@" --json
+  echo "TPM2U-PREDICT-END rc=$?"
+fi
 echo "@DONE_MARKER@"
 busybox sync
 busybox poweroff -f
@@ -64,18 +124,37 @@ class RootImage:
     passphrase: bytes
 
 
-def build_root_dir(root: Path, binary: Path) -> None:
+# what the root needs to mount the ESP read-only (a guest booted through systemd-boot)
+FAT_MODULES = ("fs/fat/fat.ko", "fs/fat/vfat.ko", "fs/nls/nls_cp437.ko", "fs/nls/nls_ascii.ko", "fs/nls/nls_utf8.ko")
+
+
+def build_root_dir(root: Path, binary: Path, moddir: Path | None = None) -> None:
     if root.exists():
         shutil.rmtree(root)
-    for d in ("proc", "sys", "dev", "run", "tmp", "etc", "bin", "sbin", "usr/bin", "usr/sbin"):
+    for d in ("proc", "sys", "dev", "run", "tmp", "etc", "bin", "sbin", "usr/bin", "usr/sbin", "efi"):
         (root / d).mkdir(parents=True, exist_ok=True)
     install_program(Path("/bin/busybox"), root, "/bin/busybox")
-    for applet in ("sh", "mount", "mountpoint", "sync", "poweroff", "cat", "echo"):
+    # the applets the generators' hooks use too (update-hooks/, run by tpm2u.hook=)
+    for applet in ("sh", "mount", "mountpoint", "sync", "poweroff", "cat", "echo", "grep", "sed", "tr", "uname",
+                   "setsid", "cttyhack"):
         (root / "bin" / applet).symlink_to("busybox")
     cryptsetup = shutil.which("cryptsetup")
     assert cryptsetup is not None
     install_program(Path(cryptsetup), root, "/usr/sbin/cryptsetup")
+    # the Debian kernel hook and its shared part, as installed (README, Install), with util-linux's blkid
+    blkid = shutil.which("blkid")
+    assert blkid is not None
+    install_program(Path(blkid), root, "/usr/sbin/blkid")
+    source = chosen()  # the checkout's or the installed package's (vm/source.py)
+    for hook, dest in ((source.reseal_predict, "usr/lib/tpm2-unlocker/reseal-predict"),
+                       (source.kernel_postinst, "etc/kernel/postinst.d/zz-tpm2-unlocker")):
+        (root / dest).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(hook, root / dest)
     install_program(binary, root, "/usr/bin/tpm2-unlocker")
+    if moddir is not None:
+        (root / "lib" / "modules" / "tpm2u").mkdir(parents=True, exist_ok=True)
+        for module in FAT_MODULES:
+            shutil.copy(moddir / "kernel" / module, root / "lib" / "modules" / "tpm2u" / Path(module).name)
     init = ROOT_INIT.replace("@ROOT_MARKER@", ROOT_MARKER).replace("@DONE_MARKER@", DONE_MARKER)
     (root / "sbin" / "init").write_text(init)
     (root / "sbin" / "init").chmod(0o755)
@@ -83,10 +162,11 @@ def build_root_dir(root: Path, binary: Path) -> None:
     (root / "etc" / "os-release").write_text('NAME="tpm2-unlocker test root"\nID=tpm2u\n')
 
 
-def build_root_image(work: Path, binary: Path, passphrase: bytes) -> RootImage:
-    """ext4 of the root dir in a 96 MiB file, encrypted in place to LUKS2 (reencrypt, offline)."""
+def build_root_image(work: Path, binary: Path, passphrase: bytes, moddir: Path | None = None) -> RootImage:
+    """ext4 of the root dir in a 96 MiB file, encrypted in place to LUKS2 (reencrypt, offline).
+    `moddir`: the kernel's modules, of which the root gets what mounting the ESP needs."""
     rootdir = work / "rootdir"
-    build_root_dir(rootdir, binary)
+    build_root_dir(rootdir, binary, moddir)
     image = work / "root.img"
     image.unlink(missing_ok=True)
     with open(image, "wb") as f:

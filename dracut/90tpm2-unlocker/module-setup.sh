@@ -46,6 +46,8 @@ install() {
         [[ -n $blob ]] && inst_simple "$blob"
     done < <("$TPM2_UNLOCKER_BINARY" unpack --blob-files)
     if dracut_module_included "systemd"; then
+        # a TPM PIN is asked through systemd's agents there (console, plymouth)
+        inst_multiple -o systemd-ask-password
         inst_simple "$moddir/tpm2-unlocker.service" "$systemdsystemunitdir/tpm2-unlocker.service"
         mkdir -p "$initdir$systemdsystemunitdir/sysinit.target.wants"
         ln_r "$systemdsystemunitdir/tpm2-unlocker.service" \

@@ -210,12 +210,12 @@ def test_an_unreachable_tpm_fails_each_device_with_its_reason(background: bool, 
 
 
 def _spy_on_started_opens(monkeypatch: pytest.MonkeyPatch, events: list[str]) -> list:  # type: ignore[type-arg]
-    """The real LuksDevice.start_open and store.take, with the order they ran in recorded."""
+    """The real LuksDevice.start_open and store.take_branch, with the order they ran in recorded."""
     from unlocker import luks, store
     from unlocker.boot import unlock
 
     pendings: list[luks.PendingOpen] = []
-    real_start, real_take, real_finish = luks.LuksDevice.start_open, store.take, luks.PendingOpen.finish
+    real_start, real_take, real_finish = luks.LuksDevice.start_open, store.take_branch, luks.PendingOpen.finish
 
     def start_open(self: luks.LuksDevice, *args: object, **kwargs: object) -> luks.PendingOpen:
         pendings.append(real_start(self, *args, **kwargs))  # type: ignore[arg-type]
@@ -232,7 +232,7 @@ def _spy_on_started_opens(monkeypatch: pytest.MonkeyPatch, events: list[str]) ->
         return real_finish(self, key)  # type: ignore[arg-type]
 
     monkeypatch.setattr(luks.LuksDevice, "start_open", start_open)
-    monkeypatch.setattr(unlock.store, "take", take)
+    monkeypatch.setattr(unlock.store, "take_branch", take)
     monkeypatch.setattr(luks.PendingOpen, "finish", finish)
     return pendings
 

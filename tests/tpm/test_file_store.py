@@ -57,6 +57,25 @@ def test_a_reseal_of_a_file_store_writes_a_new_pair_and_drops_the_old(disk: Path
         assert run_cli("unlock", str(disk), "--test", "--tries", "0", tpm=tpm).returncode == 0
 
 
+def test_a_planted_link_in_place_of_a_pending_file_is_never_written_through(disk: Path, key_file: Path,
+                                                                           tpm: Swtpm, tmp_path: Path) -> None:
+    """A symbolic link where the re-seal writes its pending file (key.2.pub.new, pointing at a file
+    of someone else's) is removed, not followed: the target keeps its bytes."""
+    blob = tmp_path / "blob"
+    enroll(disk, key_file, tpm, "--store", f"file={blob}", "--pcrs", "sha256:7")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not yours to overwrite")
+    for name in ("key.2.pub.new", "key.2.priv.new"):
+        (blob / name).symlink_to(victim)
+    tpm.extend(7)
+    done = run_cli("reseal", str(disk), "--unlock-key-file", str(key_file), tpm=tpm)
+    assert done.returncode == 0, done.stderr
+    assert victim.read_bytes() == b"not yours to overwrite"
+    assert sorted(p.name for p in blob.iterdir()) == ["key.2.priv", "key.2.pub"]
+    assert not (blob / "key.2.pub").is_symlink()
+    assert run_cli("unlock", str(disk), "--test", "--tries", "0", tpm=tpm).returncode == 0
+
+
 @pytest.fixture
 def carried_dir() -> Iterator[Path]:
     """A directory under /etc/tpm2-unlocker/, the one place whose file stores the image carries."""

@@ -141,6 +141,24 @@ def test_status_json_reports_the_mismatching_pcr(disk: Path, key_file: Path, tpm
     assert "POLICY NOT SATISFIED (changed PCRs: 4)" in text
 
 
+def test_status_shows_a_table_of_enrolled_against_current_pcrs(disk: Path, key_file: Path, tpm: Swtpm) -> None:
+    enroll(disk, key_file, tpm, "--pcrs", "sha256:0,7")
+    tpm.extend(7)
+    rows = {int(line.split()[0]): line for line in run_cli("status", str(disk), tpm=tpm).stdout.decode().splitlines()
+            if line.startswith("    ") and line.split()[0].isdigit()}
+    assert sorted(rows) == [0, 7, 15]
+    assert rows[0].endswith("same") and rows[7].endswith("CHANGED")
+    enrolled, current = rows[7].split()[1:3]
+    assert enrolled == "0" * 16 and current != enrolled  # swtpm's PCR 7 starts at zeros, then was extended
+    assert rows[15].endswith("lock PCR: at its reset value")
+    text = run_cli("status", str(disk), tpm=tpm).stdout.decode()
+    assert "reseal would seal to the current values of sha256:0,7 (PCR 7 taking their new values); the old key " \
+           "does not unseal, so it asks for the passphrase" in text
+    (entry,) = json.loads(run_cli("status", str(disk), "--json", tpm=tpm).stdout)["enrolments"]
+    assert [(r["pcr"], r["changed"], r["lock"]) for r in entry["pcr_table"]] == [(0, False, False), (7, True, False),
+                                                                                (15, False, True)]
+
+
 def test_status_without_tpm_says_so(disk: Path) -> None:
     done = run_cli("status", str(disk), "--json", "--tcti", "swtpm:host=127.0.0.1,port=1")
     assert done.returncode == 0

@@ -137,3 +137,46 @@ def test_a_key_the_tpm_did_not_make_is_never_the_srk_even_when_the_token_names_i
     assert b"TPM identity changed" in done.stderr
     _, _, secret_salts = _sessions_of(pcap)
     assert secret_salts == []  # no unseal, no NV read ran at all
+
+
+TPM_CC_PCR_EVENT, TPM_RS_PW = 0x13C, 0x40000009
+
+
+@pytest.mark.parametrize("after_unseal", [True, False])
+def test_the_lock_after_an_unseal_runs_in_a_session_salted_with_the_pinned_srk(
+        after_unseal: bool, disk: Path, key_file: Path, tpm: Swtpm, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock's TPM2_PCR_Event after an unseal is authorised by an HMAC session salted with the SRK
+    the token pinned (the TPM's answer is then HMAC'd with a key only it and we know); without an
+    unseal (no SRK selected) it is sent with the password session, as before."""
+    from unlocker import store
+    from unlocker.token import parse_token
+    from unlocker.tpm.client import Tpm
+
+    enroll(disk, key_file, tpm, "--pcrs", "sha256:7")
+    (tid, doc), = our_tokens(disk).items()
+    pcap = tmp_path / "lock.pcap"
+    monkeypatch.setenv("TCTI_PCAP_FILE", str(pcap))
+    with Tpm(f"pcap:{tpm.tcti}") as client:
+        if after_unseal:
+            store.take(client, parse_token(doc, int(tid))).wipe()
+        client.pcr_event(15, b"tpm2-unlocker test lock")
+    salted_by: dict[int, int] = {}
+    loads: list[int] = []
+    events: list[int] = []
+    messages = tpm_messages(pcap)
+    for (_, command), (_, response) in zip(messages[0::2], messages[1::2], strict=True):
+        code = _handle(command, 6)
+        assert _handle(response, 6) == 0, hex(code)
+        if code == TPM_CC_START_AUTH_SESSION:
+            salted_by[_handle(response)] = _handle(command)
+        elif code == TPM_CC_LOAD:
+            loads.append(_handle(command))
+        elif code == TPM_CC_PCR_EVENT:
+            events.append(_handle(command, 10 + 4 + 4))  # after pcrHandle and authSize: the session
+    [session] = events
+    if after_unseal:
+        [parent] = loads
+        assert session >> 24 == 0x02 and salted_by[session] == parent
+    else:
+        assert session == TPM_RS_PW

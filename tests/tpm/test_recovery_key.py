@@ -85,3 +85,52 @@ def test_remove_refuses_when_the_secret_given_opens_only_what_is_removed(disk: P
     assert done.returncode == 1
     assert b"the passphrase given opens only keyslots being removed" in done.stderr
     assert luks_json(disk) == before and opens(disk, PASSPHRASE)
+
+
+def test_remove_keeps_the_recovery_keyslot_a_hostile_token_claims(disk: Path, key_file: Path, tpm: Swtpm) -> None:
+    """Our token edited to name the recovery key's keyslot: remove (without --recovery-key) keeps it."""
+    from helpers import replace_token
+
+    enroll(disk, key_file, tpm)
+    [key] = KEY.findall(run_cli("recovery-key", str(disk), "--unlock-key-file", str(key_file)).stdout)
+    [recovery] = recovery_tokens(disk)
+    [slot] = recovery["keyslots"]
+    (tid, token), = our_tokens(disk).items()
+    replace_token(disk, tid, {**token, "keyslots": [slot]})
+    done = run_cli("remove", str(disk), "--unlock-key-file", str(key_file), tpm=tpm)
+    assert done.returncode == 0, done.stderr
+    assert f"keyslot {slot} stays: token".encode() in done.stderr
+    assert opens(disk, key, slot=int(slot)) and len(recovery_tokens(disk)) == 1
+
+
+def test_remove_given_the_recovery_key_keeps_the_passphrase_keyslot_a_hostile_token_claims(
+        tmp_path: Path, key_file: Path, tpm: Swtpm) -> None:
+    """Our token edited to name the passphrase's keyslot, and remove authenticated with the recovery
+    key (the passphrase forgotten): the recovery key cannot tell that keyslot by trying it, the PBKDF
+    can (luksFormat's argon2id is never the mark of a key we added). The passphrase still opens."""
+    from helpers import CHEAP_ARGON2ID, make_luks_image, replace_token
+
+    disk = make_luks_image(tmp_path / "disk.img", pbkdf=CHEAP_ARGON2ID)
+    enroll(disk, key_file, tpm)
+    [key] = KEY.findall(run_cli("recovery-key", str(disk), "--unlock-key-file", str(key_file)).stdout)
+    (tid, token), = our_tokens(disk).items()
+    replace_token(disk, tid, {**token, "keyslots": ["0"]})
+    done = run_cli("remove", str(disk), "--unlock-key-file", "-", input=key, tpm=tpm)
+    assert done.returncode == 0, done.stderr
+    assert b"keyslot 0 stays: it is not a keyslot tpm2-unlocker made (its PBKDF is not the one we give our keys)" \
+        in done.stderr
+    assert our_tokens(disk) == {} and opens(disk, PASSPHRASE, slot=0) and opens(disk, key)
+
+
+def test_remove_given_the_recovery_key_removes_the_tpm_keyslot(tmp_path: Path, key_file: Path, tpm: Swtpm) -> None:
+    from helpers import CHEAP_ARGON2ID, make_luks_image
+
+    disk = make_luks_image(tmp_path / "disk.img", pbkdf=CHEAP_ARGON2ID)
+    enroll(disk, key_file, tpm)
+    [key] = KEY.findall(run_cli("recovery-key", str(disk), "--unlock-key-file", str(key_file)).stdout)
+    (_, token), = our_tokens(disk).items()
+    [tpm_slot] = token["keyslots"]
+    done = run_cli("remove", str(disk), "--unlock-key-file", "-", input=key, tpm=tpm)
+    assert done.returncode == 0, done.stderr
+    assert our_tokens(disk) == {} and tpm_slot not in luks_json(disk)["keyslots"]
+    assert opens(disk, PASSPHRASE, slot=0) and opens(disk, key)

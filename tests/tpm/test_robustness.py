@@ -60,7 +60,7 @@ def test_da_lockout_says_so_and_falls_back(disk: Path, tpm: Swtpm, tmp_path: Pat
     assert done.returncode == 4
     assert b"lockout" in done.stderr and b"Traceback" not in done.stderr
     status = run_cli("status", tpm=tpm).stdout.decode()
-    assert "(IN LOCKOUT)" in status
+    assert "(IN LOCKOUT: one more try every " in status
 
 
 def test_our_noda_enrolment_unlocks_during_lockout(disk: Path, key_file: Path, tpm: Swtpm, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from helpers import run_cli
 @pytest.mark.parametrize("args,code,message", [
     ([], 1, b"no verb given"),
     (["frobnicate"], 1, b"invalid choice"),
-    (["enroll"], 1, b"the following arguments are required: device"),
+    (["enroll"], 1, b"the following arguments are required: DEVICE"),
     (["enroll", "/nonexistent/disk", "--pcrs", "sha256:99"], 1, b"PCR 99 is out of range"),
     (["enroll", "/nonexistent/disk", "--store", "cloud"], 1, b"unknown store 'cloud'"),
     (["enroll", "/nonexistent/disk"], 8, b"no such device"),
@@ -114,6 +114,7 @@ def _boot_path_modules() -> set[str]:
             "from unlocker import cli\nfrom unlocker.boot import warmup\n"
             "import unlocker.boot.unlock, unlocker.boot.at_boot, unlocker.boot.devices, unlocker.boot.prompt\n"
             "import unlocker.store, unlocker.tpm.client\n"
+            "import unlocker.boot.measured  # imported when the policy fails: names the events behind it\n"
             "cli.parse_args(['unlock', '--tries', '0', '--timeout', '30'])\n"
             "print(' '.join(sorted(set(sys.modules) - base)))")
     done = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60,

@@ -10,21 +10,35 @@ from pathlib import Path
 
 import pytest
 
+from unlocker import options
+
 REPO = Path(__file__).resolve().parents[2]
 INSTALL = REPO / "mkinitcpio" / "install" / "tpm2-unlocker"
 STUBS = """
 for f in add_module add_all_modules add_binary add_file add_dir add_symlink add_runscript add_udev_rule \
-         add_systemd_unit add_full_dir; do
+         add_full_dir; do
     eval "$f() { printf '%s' $f >>\\"\\$LOG\\"; printf ' %s' \\"\\$@\\" >>\\"\\$LOG\\"; echo >>\\"\\$LOG\\"; }"
 done
 map() { local f=$1; shift; for a in "$@"; do "$f" "$a"; done; }
+# as mkinitcpio's (with $FILES_MUST_EXIST): a file that is not there is an ERROR (the image is still written)
+eval "_logged_$(declare -f add_file)"
+add_file() {
+    [[ -z $FILES_MUST_EXIST || -e $1 ]] || { echo "ERROR: file not found: '$1'"; return 1; }
+    _logged_add_file "$@"
+}
 """
+# What the `systemd` hook's install script defines; a hook after it knows the image is a systemd one.
+SYSTEMD_HOOK = "add_systemd_unit() { echo \"add_systemd_unit $*\" >>\"$LOG\"; }\n"
+UNITS = {"TPM2_UNLOCKER_UNIT": str(REPO / "dracut" / "90tpm2-unlocker" / "tpm2-unlocker.service"),
+         "TPM2_UNLOCKER_LOCK_UNIT": str(REPO / "dracut" / "90tpm2-unlocker" / "tpm2-unlocker-lock.service"),
+         "TPM2_UNLOCKER_SKIP_CONF": str(REPO / "dracut" / "90tpm2-unlocker" / "systemd-cryptsetup-skip.conf")}
 
 
-def run_install(tmp_path: Path, func: str, unpack_rc: int = 0,
-                blob_files: str = "") -> tuple[subprocess.CompletedProcess[str], list[str]]:
-    """The install script's `func` with the add_* functions stubbed, and for the binary a script
-    that records its arguments (the real `unpack` is tested on the frozen binary, tests/vm)."""
+def run_install(tmp_path: Path, func: str, unpack_rc: int = 0, blob_files: str = "", systemd: bool = False,
+                units: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """The install script's `func` with the add_* functions stubbed (after the `systemd` hook's, if
+    `systemd`; the unit files from `units`, else where the script looks by default), and for the
+    binary a script that records its arguments (the real `unpack` is tested on the frozen binary, tests/vm)."""
     log = tmp_path / "calls.log"
     binary = tmp_path / "tpm2-unlocker"
     libraries = subprocess.run([sys.executable, "-m", "unlocker.cli", "unpack", "--libraries"],
@@ -33,17 +47,19 @@ def run_install(tmp_path: Path, func: str, unpack_rc: int = 0,
                       f'[ "$*" = "unpack --libraries" ] && {{ printf %s "{libraries}"; exit 0; }}\n'
                       f'[ "$*" = "unpack --blob-files" ] && {{ printf %s "$BLOB_FILES"; exit 0; }}\nexit {unpack_rc}\n')
     binary.chmod(0o755)
-    script = f"{STUBS}\nerror() {{ echo \"ERROR: $*\"; }}\n. '{INSTALL}'\n{func}\n"
+    stubs = STUBS + (SYSTEMD_HOOK if systemd else "")
+    script = f"{stubs}\nerror() {{ echo \"ERROR: $*\"; }}\n. '{INSTALL}'\n{func}\n"
     done = subprocess.run(["bash", "-uc", script], capture_output=True, text=True,
                           env={"LOG": str(log), "PATH": "/usr/bin:/bin", "TPM2_UNLOCKER_BINARY": str(binary),
-                               "BLOB_FILES": blob_files,
+                               "BLOB_FILES": blob_files, **(UNITS if units is None else units),
+                               "FILES_MUST_EXIST": "" if units is None else "1",
                                "BUILDROOT": "/build/root"})
     calls = [line.strip() for line in log.read_text().splitlines()] if log.exists() else []
     return done, calls
 
 
 def test_build_adds_binary_cryptsetup_modules_rules_runscript_and_unit(tmp_path: Path) -> None:
-    done, calls = run_install(tmp_path, "build")
+    done, calls = run_install(tmp_path, "build", systemd=True)
     assert done.returncode == 0, done.stdout + done.stderr
     # the program goes in unpacked: no copy-out to /run and second start at each boot
     assert calls[calls.index("binary unpack /build/root/usr/lib/tpm2-unlocker") + 1] == \
@@ -53,18 +69,32 @@ def test_build_adds_binary_cryptsetup_modules_rules_runscript_and_unit(tmp_path:
     assert "add_all_modules /crypto/" in calls
     for rule in ("10-dm.rules", "13-dm-disk.rules", "95-dm-notify.rules"):
         assert f"add_udev_rule {rule}" in calls
-    # busybox image: the runtime hook; systemd image: the unit, enabled, before cryptsetup-pre.target
-    assert "add_runscript" in calls
-    assert "add_file /usr/lib/systemd/system/tpm2-unlocker.service /usr/lib/systemd/system/tpm2-unlocker.service" in calls
+    # systemd image: the unit, enabled, before cryptsetup-pre.target (no runtime hook: nothing runs it)
+    assert "add_runscript" not in calls
+    assert f"add_file {UNITS['TPM2_UNLOCKER_UNIT']} /usr/lib/systemd/system/tpm2-unlocker.service" in calls
     assert ("add_symlink /usr/lib/systemd/system/sysinit.target.wants/tpm2-unlocker.service "
             "../tpm2-unlocker.service") in calls
-    assert ("add_file /usr/lib/tpm2-unlocker/systemd-cryptsetup-skip.conf "
+    assert (f"add_file {UNITS['TPM2_UNLOCKER_SKIP_CONF']} "
             "/usr/lib/systemd/system/systemd-cryptsetup@.service.d/tpm2-unlocker.conf") in calls
     assert "add_binary /usr/lib/x86_64-linux-gnu/libresolv.so.2" in calls
     # as `encrypt` adds them, wherever the system keeps its libraries (Arch: /usr/lib)
     assert any(c.startswith("add_binary /usr/lib") and c.endswith("/libgcc_s.so.1") for c in calls)
     assert any(c.startswith("add_binary /usr/lib") and c.endswith("/ossl-modules/legacy.so") for c in calls)
     assert not any("11-dm-initramfs" in c for c in calls)  # Arch's device-mapper file only where it exists
+
+
+def test_busybox_image_needs_no_systemd_unit_on_the_host(tmp_path: Path) -> None:
+    missing = {name: str(tmp_path / "not-installed" / Path(path).name) for name, path in UNITS.items()}
+    # the stubbed add_file says ERROR for a missing file, as mkinitcpio's does: in a systemd image
+    done, calls = run_install(tmp_path, "build", systemd=True, units=missing)
+    assert "ERROR: file not found" in done.stdout
+    # a busybox image (no `systemd` hook before ours) takes no unit, and so says no ERROR
+    (tmp_path / "calls.log").unlink()
+    done, calls = run_install(tmp_path, "build", units=missing)
+    assert done.returncode == 0
+    assert "ERROR" not in done.stdout + done.stderr
+    assert "add_runscript" in calls
+    assert not any(".service" in c or "cryptsetup-skip" in c for c in calls)
 
 
 def test_build_fails_with_one_line_when_the_binary_cannot_unpack(tmp_path: Path) -> None:
@@ -76,9 +106,9 @@ def test_build_fails_with_one_line_when_the_binary_cannot_unpack(tmp_path: Path)
 
 def test_help_documents_every_kernel_parameter(tmp_path: Path) -> None:
     text = run_install(tmp_path, "help")[0].stdout
-    for parameter in ("cryptdevice=", "rd.luks.uuid=", "rd.luks.name=", "rd.luks=0", "tpm2_unlocker.tries=",
-                      "tpm2_unlocker.timeout=", "tpm2_unlocker.debug"):
-        assert parameter in text
+    for parameter in options.kernel_params():  # the table the man page lists
+        name, equals, value = parameter.syntax.partition("=")
+        assert name + equals + ("0" if value == "0" else "") in text, parameter.syntax
 
 
 FAKE_BINARY = """#!/bin/sh
@@ -116,7 +146,7 @@ def run_runtime_hook(tmp_path: Path, rc_first: int, rc_second: int = 0, under: t
 
 def test_runtime_hook_tpm_success_in_the_background_needs_no_second_run(tmp_path: Path) -> None:
     out, calls = run_runtime_hook(tmp_path, rc_first=0)
-    assert calls == ["unlock --tries 0 --defer-lock"]
+    assert calls == ["unlock --tries 0 --defer-lock --defer-pin"]
     assert "ERROR" not in out
 
 
@@ -147,13 +177,19 @@ def test_runtime_hook_starts_no_reader_of_the_random_pool(tmp_path: Path) -> Non
 
 def test_runtime_hook_asks_in_the_foreground_after_a_tpm_failure(tmp_path: Path) -> None:
     out, calls = run_runtime_hook(tmp_path, rc_first=3, rc_second=0)
-    assert calls == ["unlock --tries 0 --defer-lock", "unlock --no-tpm"]
+    assert calls == ["unlock --tries 0 --defer-lock --defer-pin", "unlock --no-tpm"]
     assert "ERROR" not in out
 
 
 def test_runtime_hook_tries_the_tpm_again_for_a_device_that_came_late(tmp_path: Path) -> None:
     out, calls = run_runtime_hook(tmp_path, rc_first=8, rc_second=0)  # 8: device not found in time
-    assert calls == ["unlock --tries 0 --defer-lock", "unlock"]
+    assert calls == ["unlock --tries 0 --defer-lock --defer-pin", "unlock"]
+    assert "ERROR" not in out
+
+
+def test_runtime_hook_tries_the_tpm_again_for_a_key_that_needs_the_pin(tmp_path: Path) -> None:
+    out, calls = run_runtime_hook(tmp_path, rc_first=10, rc_second=0)  # 10: the early run cannot ask the PIN
+    assert calls == ["unlock --tries 0 --defer-lock --defer-pin", "unlock"]
     assert "ERROR" not in out
 
 
@@ -238,7 +274,7 @@ def test_the_unit_counts_a_usage_error_or_a_bug_as_failure() -> None:
     unit = (REPO / "dracut" / "90tpm2-unlocker" / "tpm2-unlocker.service").read_text()
     [line] = [line for line in unit.splitlines() if line.startswith("SuccessExitStatus=")]
     codes = set(line.split("=", 1)[1].split())
-    assert codes == {"2", "3", "4", "5", "6", "7", "8"}  # TPM refusals: systemd-cryptsetup asks next
+    assert codes == {"2", "3", "4", "5", "6", "7", "8", "10"}  # TPM refusals, no PIN: systemd-cryptsetup asks next
 
 
 def test_the_image_carries_exactly_the_blob_files_the_binary_names(tmp_path: Path) -> None:
@@ -278,7 +314,7 @@ def test_systemd_images_lock_before_the_switch_to_the_root_and_before_a_break_sh
     assert "ExecStart=/usr/bin/tpm2-unlocker lock" in unit
     assert "ConditionPathExists=!/run/tpm2-unlocker/locked" in unit
     assert "Before=initrd-switch-root.target initrd-switch-root.service emergency.service rescue.service" in unit
-    done, calls = run_install(tmp_path, "build")
+    done, calls = run_install(tmp_path, "build", systemd=True)
     assert done.returncode == 0, done.stdout + done.stderr
     for target in ("initrd-switch-root.target", "emergency.target"):
         assert (f"add_symlink /usr/lib/systemd/system/{target}.wants/tpm2-unlocker-lock.service "
@@ -295,4 +331,4 @@ def test_an_early_run_that_hangs_is_killed_and_the_passphrase_asked(tmp_path: Pa
     started = time.monotonic()
     out, calls = run_runtime_hook(tmp_path, rc_first=0, hang_first=True)
     assert time.monotonic() - started < 30
-    assert calls == ["unlock --tries 0 --defer-lock", "unlock --no-tpm"]
+    assert calls == ["unlock --tries 0 --defer-lock --defer-pin", "unlock --no-tpm"]

@@ -299,7 +299,7 @@ def _module_misuse(tree: ast.Module, rel: str, package_name: str) -> list[str]:
 
 def test_no_module_uses_dataclasses_helpers_or_field_options_on_records() -> None:
     assert sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__") == \
-        ["boot", "commands", "lean", "tpm"]  # the scan below reaches into every one of them
+        ["boot", "commands", "lean", "measure", "tpm"]  # the scan below reaches into every one of them
     assert record_misuse(PACKAGE) == []
 
 

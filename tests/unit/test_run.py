@@ -55,6 +55,21 @@ def test_a_program_past_its_timeout_is_killed() -> None:
     assert done.stdout == b"before\n"
 
 
+def test_a_watch_that_says_stop_kills_the_program_and_one_that_says_go_lets_it_finish() -> None:
+    checks: list[float] = []
+
+    def gone() -> bool:
+        checks.append(time.monotonic())
+        return len(checks) < 3  # what the program waits on is there twice, then gone
+
+    started = time.monotonic()
+    done = run(["sh", "-c", "echo before; exec sleep 30"], watch=(0.2, gone))
+    assert done.returncode == -signal.SIGKILL and done.stdout == b"before\n"
+    assert len(checks) == 3 and checks[0] - started >= 0.2 and time.monotonic() - started < 5
+    done = run(["sh", "-c", "sleep 0.7; echo after"], watch=(0.1, lambda: True))
+    assert done.returncode == 0 and done.stdout == b"after\n"
+
+
 def test_a_missing_program_raises_file_not_found(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         run(["no-such-program-anywhere"])

@@ -18,7 +18,7 @@ def test_every_module_run_names_exists() -> None:
 def test_every_documented_verb_has_a_case() -> None:
     text = RUN.read_text()
     documented = re.findall(r"^#   \./run (\w+)", text, re.M)
-    assert documented == ["setup", "test", "lint", "demo", "binary", "bench"]
+    assert documented == ["setup", "test", "lint", "demo", "binary", "bench", "deb"]
     cases = re.findall(r"^  (\w+)\) ", text, re.M)
     assert cases == documented
 

@@ -104,3 +104,18 @@ def test_the_agents_answer_never_lands_in_a_bytes(tmp_path: Path, monkeypatch: p
     assert answer is not None and answer.data == b"hunter2"
     assert seen[0].stdout == b""  # the answer was read into the secret buffer only
     assert made[0]._data == bytes(len(made[0]._data))
+
+
+@pytest.mark.parametrize("second", [None, b"", b"x" * 257], ids=["no-second-answer", "empty", "too-long"])
+def test_a_new_pin_asked_once_but_not_confirmed_is_wiped(second: bytes | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """enroll --with-pin asks twice: when the second answer is no PIN at all (end of input, empty, too
+    long), the first one, a good PIN, is wiped before the refusal, as it is when the two differ."""
+    from unlocker.commands import pin as pin_entry
+    from unlocker.errors import UsageError
+
+    first = Secret(bytearray(b"2468"))
+    answers = [first, None if second is None else Secret(bytearray(second))]
+    monkeypatch.setattr(pin_entry, "ask_on_terminal", lambda message: answers.pop(0))
+    with pytest.raises(UsageError):
+        pin_entry.new_pin(None, None)
+    assert first.data == bytearray()

@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import Swtpm, enroll_or_fail, run_cli
+from helpers import PASSPHRASE, Swtpm, clevis_bind, enroll_or_fail, luks_json, opens, run_cli
 from PyInstaller.archive.readers import CArchiveReader
 
 from vm.images import Artifacts
@@ -34,6 +34,9 @@ def test_unpack_lays_out_the_program_that_unseals_with_nothing_left_to_unpack_at
     assert kinds <= {"m", "s", "z"}, f"entries to unpack at start: {kinds}"
     assert "hash_seed=0" in archive.options and "pyi-contents-directory _internal" in archive.options
     assert (out / "_internal" / "libtss2-esys.so.0").is_file()
+    # cryptography (adopt --from clevis, on the installed system) is in the one file, not in the image
+    assert any(name.startswith("cryptography/") for name in CArchiveReader(str(artifacts.binary)).toc)
+    assert not any(p.name.startswith("cryptography") for p in (out / "_internal").iterdir())
 
     enroll_or_fail(disk, key_file, tpm)
     monkeypatch.setenv("TPM2_UNLOCKER_BIN", str(program))
@@ -80,3 +83,16 @@ def _launcher_in(binary: Path, work: Path) -> bytes:
     done = subprocess.run([str(binary), "unpack", str(work / "reference")], capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return (work / "reference" / "tpm2-unlocker").read_bytes()
+
+
+def test_the_binary_adopts_a_clevis_tpm2_pin_decrypting_its_jwe(artifacts: Artifacts, disk: Path, tpm: Swtpm,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The frozen one file carries cryptography for Clevis's JWE: adopt --from clevis works installed."""
+    clevis_bind(disk, tpm)
+    monkeypatch.setenv("TPM2_UNLOCKER_BIN", str(artifacts.binary))
+    done = run_cli("adopt", str(disk), "--from", "clevis", "--replace", tpm=tpm)
+    assert done.returncode == 0, done.stderr.decode()
+    assert not any(t["type"] == "clevis" for t in luks_json(disk)["tokens"].values())
+    opened = run_cli("unlock", str(disk), "--test", "--tries", "0", tpm=tpm)
+    assert opened.returncode == 0, opened.stderr.decode()
+    assert opens(disk, PASSPHRASE, slot=0)

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import our_tokens
+from helpers import Swtpm, our_tokens, run_cli
 
 from vm.guest import PASSPHRASE, Guest
 from vm.images import Artifacts
@@ -83,6 +83,51 @@ def test_a_break_shell_in_the_busybox_image_cannot_unseal(moment: str, guest_of)
         b.wait_for_poweroff()
     log = (guest.work / f"break-{moment}.console.log").read_text(errors="replace")
     assert "unlocked with the TPM" in log  # the boot itself did
+    assert rc == 3 and LOCKED in log
+
+
+@pytest.fixture(scope="module")
+def dracut_break_guest(artifacts: Artifacts, tmp_path_factory: pytest.TempPathFactory) -> Guest:
+    """A guest of the dracut-break image (the systemd one plus dracut-systemd), enrolled from the host
+    against its TPM state with PCR 16, which nothing measures at boot (as bench.run enrols): no boot
+    of its own to enrol in."""
+    work = tmp_path_factory.mktemp("dracut-break")
+    root = build_root_image(work, artifacts.binary, PASSPHRASE)
+    guest = Guest(artifacts.kernel, artifacts.kind("dracut-break"), root, work / "tpm", work)
+    with Swtpm(guest.tpm_state) as tpm:
+        done = run_cli("enroll", str(root.path), "--pcrs", "sha256:16", "--unlock-key-file", "-", tpm=tpm,
+                       input=PASSPHRASE)
+    assert done.returncode == 0, done.stderr.decode()
+    return guest
+
+
+@pytest.mark.parametrize("who", ["our unit", "the lock unit"])
+def test_a_dracut_break_shell_cannot_unseal(who: str, dracut_break_guest: Guest, tmp_path: Path) -> None:
+    """rd.break=pre-mount in a systemd initrd with dracut-systemd (which implements the break points):
+    its shell comes by dracut-emergency.service. Our unit locked on its way (it unlocked with the TPM);
+    or, with our unit masked and the passphrase typed, the lock unit that dracut-emergency.service wants."""
+    guest = dracut_break_guest.clone(tmp_path)
+    masked = who == "the lock unit"
+    name = f"rd-break-{'masked' if masked else 'unit'}"
+    extra = "rd.break=pre-mount" + (" rd.systemd.mask=tpm2-unlocker.service" if masked else "")
+    with guest.boot(name, extra=extra) as b:
+        if masked:
+            b.expect(guest.kind.prompt, timeout=240)
+            b.type_line(PASSPHRASE)
+        b.expect("Entering emergency mode", timeout=240)
+        b.type_line(b"")  # sulogin's "Press Enter for maintenance"
+        b.type_line(b"tpm2-unlocker unlock /dev/vda --test --tries 0; echo TPM2U-SHELL-RC=$?")
+        b.expect(r"TPM2U-SHELL-RC=(\d+)", timeout=120)
+        rc = int(b.console.match.group(1))
+        b.type_line(b"poweroff -f")
+        b.wait_for_poweroff()
+    log = (guest.work / f"{name}.console.log").read_text(errors="replace")
+    assert "Break before pre-mount" in log
+    if masked:
+        assert "unlocked with the TPM" not in log
+        assert "the lock PCR is extended: no key unseals until the next boot" in log
+    else:
+        assert "unlocked with the TPM" in log
     assert rc == 3 and LOCKED in log
 
 

@@ -6,16 +6,20 @@ import os
 
 from unlocker import TYPE_CHECKING
 from unlocker.boot.connection import TpmConnection
+from unlocker.boot.deadline import within
 from unlocker.boot.lock import lock, volume_event
 from unlocker.boot.unlock import BootContext, UnlockRequest, check_mapping_name, unlock
-from unlocker.errors import DeviceNotFoundError, InternalError, UnlockerError
+from unlocker.errors import DeviceNotFoundError, InternalError, NoTpmError, PinNeededError, UnlockerError
 from unlocker.lean.record import record
-from unlocker.lean.threads import Background
 from unlocker.log import say, trace
 from unlocker.options import DEFAULT_TPM_TIMEOUT
 
 if TYPE_CHECKING:
     from unlocker.boot.devices import Target
+
+
+# what a run told to defer leaves to the next run of the hook: devices not there yet, PINs to ask
+DEFERRED = (DeviceNotFoundError, PinNeededError)
 
 
 @record(frozen=True)
@@ -28,6 +32,7 @@ class BootOptions:
     use_tpm: bool = True
     defer_lock: bool = False
     tpm_timeout: float = DEFAULT_TPM_TIMEOUT
+    defer_pin: bool = False
 
 
 def unlock_at_boot(opts: BootOptions) -> None:
@@ -53,15 +58,17 @@ def unlock_at_boot(opts: BootOptions) -> None:
     finally:
         # every path locks: TPM unlock, passphrase, recovery key, failure; only a run told to defer
         # (the busybox hook's early one) leaves a device not found yet to the second run, which locks
-        if not (opts.defer_lock and any(isinstance(f, DeviceNotFoundError) for f in failures)):
+        if not (opts.defer_lock and any(isinstance(f, DEFERRED) for f in failures)):
             lock_within(connection, context.events or [], opts.tcti, opts.tpm_timeout)
         if connection is not None:
             connection.close()
     if len(failures) == 1 and len(targets) == 1:
         raise failures[0].as_said()
     if failures:
-        # each failure was said above; the exit code is the first one's
-        raise type(failures[0])(f"{len(failures)} of {len(targets)} device(s) not opened")
+        # each failure was said above; the exit code is the first one's, unless one is left to the
+        # next run (a device not there yet, a PIN to ask): the hook then gives the TPM another go
+        first = next((f for f in failures if isinstance(f, DEFERRED)), failures[0]) if opts.defer_lock else failures[0]
+        raise type(first)(f"{len(failures)} of {len(targets)} device(s) not opened")
 
 
 def _open_targets(targets: list[Target], opts: BootOptions, context: BootContext) -> list[UnlockerError]:
@@ -99,20 +106,16 @@ def _open_target(target: Target, opts: BootOptions, context: BootContext) -> Non
         say(f"{path}: already open as {name}")
         return
     unlock(UnlockRequest(path, name, tries=opts.tries, tcti=opts.tcti, use_tpm=opts.use_tpm,
-                         tpm_timeout=opts.tpm_timeout), context,
+                         tpm_timeout=opts.tpm_timeout, ask_pin=not opts.defer_pin), context,
            metadata=header[1] if header else None)
 
 
 def lock_within(connection: TpmConnection | None, events: list[bytes], tcti: str | None, seconds: float) -> bool:
-    """lock() on the boot's connection (or one of its own), in a thread: a TPM that stops answering
-    costs at most `seconds`, and the connection is then abandoned. Whether the lock was extended."""
-    done: list[bool] = []
-    locking = Background(lambda: done.append(lock(connection.tpm() if connection is not None else None, events,
-                                                  tcti)), "lock")
-    locking.join(seconds)
-    if locking.is_alive():
-        say(f"the lock PCR could not be extended: the TPM did not answer within {seconds:g} s")
-        if connection is not None:
-            connection.abandon()
+    """lock() on the boot's connection (or one of its own), within `seconds` (a TPM that stops
+    answering: the connection is then abandoned). Whether the lock was extended."""
+    try:
+        return within(seconds, connection, lambda: lock(connection.tpm() if connection is not None else None,
+                                                         events, tcti), "lock")
+    except NoTpmError as exc:
+        say(f"the lock PCR could not be extended: {exc}")
         return False
-    return bool(done and done[0])

@@ -2,30 +2,32 @@
 
 from __future__ import annotations
 
-import _thread
 import os
 
 from unlocker import TYPE_CHECKING, recovery, store
 from unlocker.boot.connection import TpmConnection
+from unlocker.boot.deadline import within
 from unlocker.boot.prompt import ask_passphrase
+from unlocker.boot.refresh import try_refresh
+from unlocker.branch import unmet
 from unlocker.errors import (
     CorruptError,
     InternalError,
     NoTpmError,
+    PinNeededError,
     PolicyError,
     UnlockerError,
     UsageError,
     WrongPassphraseError,
 )
 from unlocker.lean.record import record
-from unlocker.lean.threads import Background
 from unlocker.log import hint, say, trace
 from unlocker.luks import LuksDevice, PendingOpen
 from unlocker.options import DEFAULT_TPM_TIMEOUT, DEFAULT_TRIES
 from unlocker.secret import Secret
+from unlocker.signature import signatures_in
 from unlocker.token import Token
 from unlocker.tpm.client import Tpm
-from unlocker.tpm.policy import changed_pcrs
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -47,6 +49,8 @@ class UnlockRequest:
     use_tpm: bool = True
     # seconds the TPM may take to connect and unseal before it counts as gone (then the prompt)
     tpm_timeout: float = DEFAULT_TPM_TIMEOUT
+    # False: an enrolment with a PIN is left to a later run (PinNeededError), which asks
+    ask_pin: bool = True
 
 
 @record(frozen=True)
@@ -67,38 +71,66 @@ NO_CONTEXT = BootContext()
 
 
 def explain_policy_failure(tpm: Tpm, token: Token, exc: PolicyError) -> PolicyError:
-    """Name the PCRs whose values differ from those recorded at sealing."""
+    """Name the PCRs whose values differ from those recorded at sealing (of the closest chain), and
+    the events behind them."""
+    if exc.changed_pcrs or len(token.branches()) > 1:  # chosen from the PCRs read: the reason is known already
+        return _with_events(token, exc)
     try:
-        current = tpm.read_pcrs(token.policy_selection())
+        current = tpm.read_pcrs(token.read_selection())
     except UnlockerError:
         return exc
-    changed = changed_pcrs(token.pcr_values, current)
-    if not changed and token.lock_pcr is not None and current[token.lock_pcr] != token.expected_values()[token.lock_pcr]:
-        return PolicyError(f"the key is locked for this boot (lock PCR {token.lock_pcr} was extended once the "
-                           "disks were opened); it unseals again after a reboot",
-                           changed_pcrs=[token.lock_pcr])
-    if not changed:
-        return PolicyError("the TPM refused the PCR policy although the PCR values match the enrolment")
-    names = ", ".join(str(p) for p in changed)
-    plural = "s" if len(changed) > 1 else ""
-    return PolicyError(f"PCR{plural} {names} changed since enrolment ({token.selection.bank} bank)",
-                       changed_pcrs=changed,
-                       hint="after an intended update, run 'tpm2-unlocker reseal' once booted")
+    return _with_events(token, unmet(token, current))
+
+
+CHANGED = " changed since enrolment"
+
+
+def _with_events(token: Token, error: PolicyError) -> PolicyError:
+    """`error` (branch.unmet's "PCRs N changed since enrolment (...)") with the events behind the
+    changed PCRs after its first words, when the token recorded the events of the boot it sealed to.
+    The record is of the chain sealed from a booted system: with chains predicted beside it, the
+    events named are those that differ from that one's, for the PCRs that differ from the closest chain."""
+    if not error.changed_pcrs or CHANGED + " (" not in error.message:
+        return error
+    behind = _events_behind(token, error.changed_pcrs)
+    if not behind:
+        return error
+    return PolicyError(error.message.replace(CHANGED, CHANGED + behind, 1), changed_pcrs=error.changed_pcrs,
+                       hint=error.hint)
+
+
+def _events_behind(token: Token, changed: list[int]) -> str:
+    """': EV_... (kernel ...)' — the events behind the changed PCRs, when the token recorded them."""
+    from unlocker.boot.measured import changed_events
+
+    found = {p: e for p, e in changed_events(token, changed).items() if e}
+    if not found:
+        return ""
+    if len(changed) == 1:
+        return ": " + ", ".join(found[changed[0]])
+    return ": " + "; ".join(f"PCR {p}: {', '.join(e)}" for p, e in found.items())
 
 
 def unseal_any(device: LuksDevice, tokens: list[tuple[int, Token | CorruptError]],
                connection: TpmConnection) -> tuple[Secret, Token]:
-    """The key of the first of the device's `tokens` that unseals, or the most telling error of why none did."""
+    """The key of the first of the device's `tokens` that unseals, or the most telling error of why none did.
+    A branch that leaves the enrolment behind the machine (prepare-update's grace, a predicted
+    chain) has it re-sealed here, while the key is in hand (boot/refresh.py)."""
     if not tokens:
         raise UsageError(f"{device.path} has no tpm2-unlocker enrolment (run 'tpm2-unlocker enroll' first)")
     reasons: list[UnlockerError] = [t for _, t in tokens if isinstance(t, CorruptError)]
-    good = [t for _, t in tokens if isinstance(t, Token)]
+    # a key with a PIN is left to the caller, which asks for the PIN only when no key without one opens
+    good = [t for _, t in tokens if isinstance(t, Token) and not t.pin]
+    if not good and any(isinstance(t, Token) for _, t in tokens):
+        raise PinNeededError("the key needs the TPM PIN")
     if good:
         tpm = connection.get()
+        signatures = signatures_in(device.raw_tokens()) if any(t.signed for t in good) else []
         for token in good:
             try:
-                key = store.take(tpm, token)
-                trace(f"token {token.token_id}: unsealed")
+                key, branch = store.take_branch(tpm, token, None, signatures)
+                trace(f"token {token.token_id}: unsealed ({branch.kind} branch)")
+                try_refresh(tpm, device, token, branch, key, None)
                 return key, token
             except PolicyError as exc:
                 reasons.append(explain_policy_failure(tpm, token, exc))
@@ -114,36 +146,8 @@ def unseal_any(device: LuksDevice, tokens: list[tuple[int, Token | CorruptError]
 
 def _unseal_within(device: LuksDevice, tokens: list[tuple[int, Token | CorruptError]], connection: TpmConnection,
                    seconds: float) -> tuple[Secret, Token]:
-    """unseal_any, but a TPM that stops answering (a hung chip, a paused emulator, something in
-    between holding the answer) costs at most `seconds`: its command cannot be interrupted, so it is
-    left to its thread, the connection abandoned, and the prompt follows. A key that arrives after
-    that is wiped by the thread itself."""
-    outcome: dict[str, object] = {}
-    decided = _thread.allocate_lock()
-
-    def work() -> None:
-        try:
-            found: object = unseal_any(device, tokens, connection)
-        except BaseException as exc:  # handed to the caller below, whatever it is
-            found = exc
-        with decided:
-            if "gave up" in outcome:
-                if isinstance(found, tuple):
-                    found[0].wipe()
-            else:
-                outcome["found"] = found
-
-    worker = Background(work, "unseal")
-    worker.join(seconds)
-    with decided:
-        if "found" not in outcome:
-            outcome["gave up"] = True
-            connection.abandon()
-            raise NoTpmError(f"the TPM did not answer within {seconds:g} s")
-    found = outcome["found"]
-    if isinstance(found, BaseException):
-        raise found
-    return found  # type: ignore[return-value]
+    """unseal_any, but a TPM that stops answering costs at most `seconds` (then the prompt)."""
+    return within(seconds, connection, lambda: unseal_any(device, tokens, connection), "unseal")
 
 
 def spare_cpu() -> bool:
@@ -160,7 +164,7 @@ def start_open(device: LuksDevice, tokens: list[tuple[int, Token | CorruptError]
     it, or on any error, the open runs after the unseal as usual and says what is wrong."""
     if not spare_cpu() or (not test and not os.path.exists(DM_CONTROL)):
         return None
-    slots = [t.keyslot for _, t in tokens if isinstance(t, Token)]
+    slots = [t.keyslot for _, t in tokens if isinstance(t, Token) and not t.pin]
     if not slots:
         return None
     try:
@@ -213,13 +217,30 @@ def unlock(opts: UnlockRequest, context: BootContext = NO_CONTEXT, metadata: dic
         try:
             tokens = device.our_tokens()  # parsed once, for the early open and the unseal
             pending = start_open(device, tokens, name, test=opts.test) if context.open_early else None
-            key, token = _unseal_within(device, tokens, connection, opts.tpm_timeout)
+            try:
+                key, token = _unseal_within(device, tokens, connection, opts.tpm_timeout)
+            except UnlockerError as exc:
+                pinned = [t for _, t in tokens if isinstance(t, Token) and t.pin]
+                if not pinned or isinstance(exc, NoTpmError):  # no TPM: no PIN to ask for
+                    raise
+                if not opts.ask_pin:
+                    raise PinNeededError("the key needs the TPM PIN: the next run asks for it") from None
+                from unlocker.boot.pin import unseal_with_pin
+
+                signatures = signatures_in(device.raw_tokens()) if any(t.signed for t in pinned) else []
+                key, token = unseal_with_pin(opts.device, pinned, connection, opts.tpm_timeout, signatures)
             with key:
                 if not open_or_test(device, key, name, token.keyslot, test=opts.test, context=context,
                                     pending=pending):
                     raise CorruptError(f"the unsealed key does not open keyslot {token.keyslot}")
             say(f"{opts.device}: unlocked with the TPM" + (" (test only)" if opts.test else f" as {name}"))
             return
+        except PinNeededError as exc:
+            failure = type(exc)
+            if opts.ask_pin:
+                say(f"{opts.device}: TPM unlock failed: {exc}")
+            else:  # not a failure: the run that can ask for the PIN follows
+                trace(f"{opts.device}: {exc}")
         except UnlockerError as exc:
             failure = type(exc)
             say(f"{opts.device}: TPM unlock failed: {exc}")
@@ -236,6 +257,8 @@ def unlock(opts: UnlockRequest, context: BootContext = NO_CONTEXT, metadata: dic
         if opts.tries == 0:
             # TPM only: the line above said why; the device stays closed for whoever asks next
             raise failure(f"{opts.device}: not unlocked").as_said()
+    # which keyslots a typed passphrase is tried on is decided on cryptsetup's own view of the header
+    device.use_cryptsetups_view()
     for attempt in range(opts.tries):
         passphrase = ask_passphrase(f"Enter passphrase for {opts.device}: ")
         if passphrase is None:

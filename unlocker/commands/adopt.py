@@ -16,7 +16,7 @@ from unlocker.secret import Secret
 from unlocker.store import read_blob_pair
 from unlocker.token import Token
 from unlocker.tpm.client import Tpm
-from unlocker.tpm.policy import PcrSelection, sealing_policy
+from unlocker.tpm.policy import PcrSelection, PolicyPlan, sealing_policy
 from unlocker.tpm.seal import SealedObject, sealed_auth_policy, validate_sealed
 from unlocker.tpm.tcti import resolve_tcti
 
@@ -56,7 +56,7 @@ def adopt(opts: AdoptOptions) -> Token:
         if sealed is not None:
             policy = sealed_auth_policy(sealed)
             tpm.use_tpm2_tools_srk()  # the recipe's `tpm2_createprimary --key-algorithm=ecc`
-            secret = tpm.unseal(sealed, opts.selection, None)  # no pin yet: this is where it is made
+            secret = tpm.unseal(sealed, PolicyPlan(opts.selection), None)  # no pin yet: this is where it is made
             say("the adopted object and its parent are DA-protected: power cuts count against the TPM's "
                 "lockout; 'tpm2-unlocker reseal' re-seals the key under a noDA key")
         else:
@@ -75,7 +75,7 @@ def adopt(opts: AdoptOptions) -> Token:
             if info.writable_without_policy:
                 say(f"NV index 0x{opts.nv_index:08x} can be overwritten without the PCR policy (authwrite): "
                     "'tpm2-unlocker reseal' moves the key to a write-locked index")
-            secret = tpm.nv_read(opts.nv_index, opts.selection, None)
+            secret = tpm.nv_read(opts.nv_index, PolicyPlan(opts.selection), None)
         if policy != expected:
             secret.wipe()
             raise UsageError(f"the object's policy is not PolicyPCR over {opts.selection} (check --pcrs)")

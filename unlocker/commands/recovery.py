@@ -11,14 +11,15 @@ import os
 import sys
 
 from unlocker import recovery
+from unlocker.commands import pending
 from unlocker.commands.enroll import Undo
+from unlocker.commands.pending import RECOVERY_TOKEN_TYPE
 from unlocker.errors import UsageError
 from unlocker.lean.run import run
 from unlocker.log import say
 from unlocker.luks import LuksDevice
 from unlocker.secret import Secret, SecretBuffer
 
-RECOVERY_TOKEN_TYPE = "tpm2-unlocker-recovery"
 QRENCODE = "/usr/bin/qrencode"
 
 
@@ -40,12 +41,14 @@ def add_recovery_key(device: LuksDevice, passphrase: Secret, undo: Undo) -> tupl
     key = recovery.generate()
     undo.push("forget the recovery key", key.wipe)
     slot = device.free_keyslot()
+    marker = pending.begin(device, pending.Marker("recovery-key", slot, pending.Place("token")), undo)
     device.add_key(passphrase, key, slot)
     undo.push(f"remove keyslot {slot}", lambda: device.kill_slot(slot, passphrase))
     tid = device.import_document({"type": RECOVERY_TOKEN_TYPE, "keyslots": [str(slot)]})
     undo.push(f"remove token {tid}", lambda: device.remove_token(tid))
     if not device.test_key(key, slot):
         raise UsageError(f"{device.path}: the new recovery key does not open keyslot {slot}")
+    pending.end(device, marker)
     return slot, key
 
 
@@ -79,8 +82,10 @@ def recovery_key(device_path: str, unlock_key_file: str | None) -> int:
 
     device = LuksDevice(device_path)
     device.metadata()
-    with existing_passphrase(device, unlock_key_file) as passphrase, Undo("adding the recovery key") as undo:
-        slot, key = add_recovery_key(device, passphrase, undo)
+    with existing_passphrase(device, unlock_key_file) as passphrase:
+        pending.clean_up(device, lambda: passphrase, None)
+        with Undo("adding the recovery key") as undo:
+            slot, key = add_recovery_key(device, passphrase, undo)
     with key:
         show(device_path, slot, key)
     return slot

@@ -1,8 +1,9 @@
-"""remove: take out our keyslot, sealed key and token, keeping every keyslot that is not ours.
+"""remove: take out our keyslot, sealed key (and NV counter) and token, keeping every keyslot that is not ours.
 
 The user's passphrase is asked (or read from --unlock-key-file) and must open a keyslot that stays:
-so a removal can never leave a disk that the passphrase does not open. The token goes last, so an
-interrupted removal can be run again.
+so a removal can never leave a disk that the passphrase does not open; a keyslot goes only under
+commands/keyslots.py's rule, which also holds when the secret given is the recovery key. The token
+goes last, so an interrupted removal can be run again.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from unlocker import store
+from unlocker.commands import pending
+from unlocker.commands.keyslots import why_keep
 from unlocker.commands.passphrase import existing_passphrase
 from unlocker.commands.recovery import recovery_slots
 from unlocker.errors import CorruptError, NoTpmError, UnlockerError, UsageError
 from unlocker.log import say
 from unlocker.luks import LuksDevice
+from unlocker.secret import Secret
 from unlocker.token import Token
 from unlocker.tpm.client import Tpm
 from unlocker.tpm.tcti import resolve_tcti
@@ -32,45 +36,80 @@ def remove(opts: RemoveOptions) -> int:
     """Returns the number of enrolments removed."""
     device = LuksDevice(opts.device)
     device.metadata()
-    tokens = device.our_tokens()
-    recovery = recovery_slots(device) if opts.recovery_key else []
-    if not tokens and not recovery:
+    left = pending.anything_left(device)
+    tokens, recovery = _ours(device, opts)
+    if not tokens and not recovery and not left:
         raise UsageError(f"{opts.device} has no tpm2-unlocker enrolment"
                          + (" or recovery key" if opts.recovery_key else ""))
-    ours = {t.keyslot for _, t in tokens if isinstance(t, Token) and t.keyslot_owned} | {s for _, s in recovery}
-    others = [s for s in device.keyslots() if s not in ours]
-    if not others:
-        raise UsageError(f"{opts.device}: refusing to remove keyslot(s) {sorted(ours)}: "
-                         "no other keyslot would be left to open the disk")
+    _keeps_another(device, tokens, recovery)
     tpm: Tpm | None = None
-    if any(isinstance(t, Token) and t.store == "nv" for _, t in tokens):
+    if any(isinstance(t, Token) and (t.store == "nv" or t.counter or t.signed) for _, t in tokens) or left:
         try:
             tpm = Tpm(resolve_tcti(opts.tcti))
         except NoTpmError as exc:
             say(f"the TPM is not reachable, its NV index stays defined ({exc})")
     try:
         with existing_passphrase(device, opts.unlock_key_file) as passphrase:
+            if left:
+                pending.clean_up(device, lambda: passphrase, tpm)
+                tokens, recovery = _ours(device, opts)
+                _keeps_another(device, tokens, recovery)
+            others = [s for s in device.keyslots() if s not in _slots(tokens, recovery)]
             # the secret given must open a keyslot that stays: whatever the tokens claim (they are
             # anyone's to write), the disk then still opens with it afterwards
             if not any(device.test_key(passphrase, slot) for slot in others):
                 raise UsageError(f"{opts.device}: the passphrase given opens only keyslots being removed; "
                                  "give one of a keyslot that stays")
+            going = {t for t, _ in tokens} | {t for t, _ in recovery}
+            # each enrolment's sealed key first, its keyslot next, its token last: a run killed half-way
+            # leaves a token that still says what is left to remove (or, its keyslot gone, names none:
+            # the next run removes it)
             for tid, token in tokens:
                 if isinstance(token, CorruptError):
                     say(f"token {tid} is corrupt ({token}); removing the token only")
-                elif token.keyslot_owned and token.keyslot in device.keyslots():
-                    device.kill_slot(token.keyslot, passphrase)
-                if isinstance(token, Token):
+                else:
                     try:
                         store.destroy(tpm, token)
+                        counters = [token.counter, token.signed.epoch if token.signed else 0]
+                        for counter in counters:  # prepare-update's, the signatures' epoch: ours by their attributes
+                            if counter and tpm is not None and tpm.is_our_counter(counter):
+                                tpm.nv_undefine(counter)
                     except UnlockerError as exc:
                         say(f"could not remove the sealed key ({exc})")
+                    if token.keyslot_owned and token.keyslot in device.keyslots():
+                        _kill(device, token.keyslot, passphrase, going)
                 device.remove_token(tid)
             for tid, slot in recovery:  # only when asked: it is the user's way in when the TPM fails
                 if slot in device.keyslots():
-                    device.kill_slot(slot, passphrase)
+                    _kill(device, slot, passphrase, going)
                 device.remove_token(tid)
     finally:
         if tpm is not None:
             tpm.close()
     return len(tokens) + len(recovery)
+
+
+def _ours(device: LuksDevice, opts: RemoveOptions) -> tuple[list[tuple[int, Token | CorruptError]], list[tuple[int, int]]]:
+    return device.our_tokens(), recovery_slots(device) if opts.recovery_key else []
+
+
+def _slots(tokens: list[tuple[int, Token | CorruptError]], recovery: list[tuple[int, int]]) -> set[int]:
+    return {t.keyslot for _, t in tokens if isinstance(t, Token) and t.keyslot_owned} | {s for _, s in recovery}
+
+
+def _keeps_another(device: LuksDevice, tokens: list[tuple[int, Token | CorruptError]],
+                   recovery: list[tuple[int, int]]) -> None:
+    ours = _slots(tokens, recovery)
+    if ours and not [s for s in device.keyslots() if s not in ours]:
+        raise UsageError(f"{device.path}: refusing to remove keyslot(s) {sorted(ours)}: "
+                         "no other keyslot would be left to open the disk")
+
+
+def _kill(device: LuksDevice, slot: int, passphrase: Secret, going: set[int]) -> None:
+    """Kill a keyslot a token of ours names, unless commands/keyslots.py's rule keeps it (a header is
+    anyone's to write: the token may name the passphrase's keyslot, the recovery key's, another tool's)."""
+    why = why_keep(device, slot, passphrase, going)
+    if why:
+        say(f"keyslot {slot} stays: {why}")
+    else:
+        device.kill_slot(slot, passphrase)

@@ -28,14 +28,18 @@ LAUNCHER = "tpm2-unlocker-launcher"  # in the one file's bundle: the one-folder 
 CONTENTS = "_internal"  # where the one-folder bootloader looks for its libraries (PyInstaller's default)
 PROGRAM = "tpm2-unlocker"
 # Left out of the bundle, loaded from the system: every image with cryptsetup has them (libcryptsetup
-# links both), and a one-file binary copies each bundled byte out at every start (freeze/build.py).
-LEFT_OUT_OF_BUNDLE = ("libcrypto.so.3", "libz.so.1")
+# links libcrypto and libz; cryptography's extension, below, brings libgcc_s), and a one-file binary
+# copies each bundled byte out at every start (freeze/build.py).
+LEFT_OUT_OF_BUNDLE = ("libcrypto.so.3", "libz.so.1", "libgcc_s.so.1")
+# In the one file, out of the image: cryptography (its Rust extension alone is a third of the one
+# file) serves `adopt --from clevis` on the installed system; the boot never imports it.
+LEFT_OUT_OF_IMAGE = ("cryptography",)
 # What an image must carry for the unpacked program: the above; what PyInstaller's bootloader and
 # libpython link; and, as mkinitcpio's `encrypt` adds them for cryptsetup, libgcc_s (its
 # pthread_cancel dlopen()s it) and OpenSSL's legacy provider (whirlpool hashes). Paths are relative
 # to the system's library directory.
 SYSTEM_LIBRARIES = (*LEFT_OUT_OF_BUNDLE, "libm.so.6", "libresolv.so.2", "libdl.so.2", "libpthread.so.0",
-                    "librt.so.1", "libutil.so.1", "libgcc_s.so.1", "ossl-modules/legacy.so")
+                    "librt.so.1", "libutil.so.1", "ossl-modules/legacy.so")
 
 
 def bundle_home() -> Path:
@@ -70,7 +74,7 @@ def unpack(dest: Path) -> Unpacked:
         try:
             dest.mkdir(parents=True, exist_ok=True)
             shutil.copytree(home, dest / CONTENTS, symlinks=True,
-                            ignore=lambda folder, names: [LAUNCHER] if Path(folder) == home else [])
+                            ignore=lambda folder, names: _left_out(names) if Path(folder) == home else [])
             (dest / CONTENTS).chmod(0o755)  # copied from the bundle's private (0700) unpack folder
             shutil.copyfile(home / LAUNCHER, program)
             program.chmod(0o755)
@@ -95,6 +99,13 @@ def unpack(dest: Path) -> Unpacked:
 # write who holds a disk (a USB stick at image-build time among them): only the pair files a token
 # names in a directory under here are copied, never a directory as such.
 CARRIED_STORES = "/etc/tpm2-unlocker/"
+
+
+def _left_out(names: list[str]) -> list[str]:
+    """What of the bundle's top folder the image does not carry: the launcher (copied on its own) and
+    LEFT_OUT_OF_IMAGE's packages with their metadata."""
+    return [name for name in names if name == LAUNCHER
+            or any(name == package or name.startswith(package + "-") for package in LEFT_OUT_OF_IMAGE)]
 
 
 def blob_files(devices: list[str] | None = None) -> list[str]:

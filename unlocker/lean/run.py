@@ -20,7 +20,7 @@ from unlocker.lean.record import record
 from unlocker.log import trace
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from unlocker.secret import SecretBuffer
 
@@ -151,13 +151,15 @@ class _Child:
             pass  # ended already (a zombie until collect() reaps it)
 
     def collect(self, input: bytes | bytearray | memoryview | None, timeout: float | None,
-                stdout_into: SecretBuffer | None = None) -> Completed:
+                stdout_into: SecretBuffer | None = None, stdout_limit: int | None = None,
+                watch: tuple[float, Callable[[], bool]] | None = None) -> Completed:
         """Feed `input`, read stdout and stderr to their end, reap it; at `timeout` seconds it is
-        killed, wherever it is (reading, writing, or running with its pipes closed)."""
+        killed, wherever it is (reading, writing, or running with its pipes closed), and so it is
+        when `watch`'s check, called every `watch[0]` seconds, says False."""
         out, err = bytearray(), bytearray()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            self._exchange(memoryview(input or b"").cast("B"), out, err, deadline, stdout_into)
+            self._exchange(memoryview(input or b"").cast("B"), out, err, deadline, stdout_into, stdout_limit, watch)
         finally:
             for fd in (self.stdin, self.stdout, self.stderr):
                 if fd >= 0:
@@ -169,21 +171,38 @@ class _Child:
 
     def _reap(self, deadline: float | None) -> int:
         """Its exit code; killed first if it is still running at `deadline`."""
-        while deadline is not None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                return os.waitstatus_to_exitcode(status)
-            if time.monotonic() >= deadline:
-                self.kill()
-                break
-            time.sleep(0.01)
+        if deadline is not None and not self._ends_by(deadline):
+            self.kill()
         return os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
 
+    def _ends_by(self, deadline: float) -> bool:
+        """Whether it exits by `deadline` (it is not reaped here): a pidfd polled, which wakes the
+        moment it does (the boot hands cryptsetup its key and waits for it here); else a look every 10 ms."""
+        try:
+            fd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            fd = -1
+        if fd >= 0:
+            try:
+                waiter = select.poll()
+                waiter.register(fd, select.POLLIN)
+                return bool(waiter.poll(max(0, int((deadline - time.monotonic()) * 1000))))
+            finally:
+                os.close(fd)
+        while time.monotonic() < deadline:
+            if os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True  # exited; left to be reaped
+            time.sleep(0.01)
+        return False
+
     def _exchange(self, pending: memoryview, out: bytearray, err: bytearray, deadline: float | None,
-                  stdout_into: SecretBuffer | None = None) -> None:
+                  stdout_into: SecretBuffer | None = None, stdout_limit: int | None = None,
+                  watch: tuple[float, Callable[[], bool]] | None = None) -> None:
         """Write `pending` to its stdin while reading its outputs, until both outputs end (and the
-        input is written) or `deadline`. Our end of stdin does not block: poll is the one wait, so
-        a child that writes before it has read all its input never dead-locks against us."""
+        input is written), `deadline`, or `watch`'s check says False. Our end of stdin does not
+        block: poll is the one wait, so a child that writes before it has read all its input never
+        dead-locks against us."""
+        next_check = None if watch is None else time.monotonic() + watch[0]
         sinks = {self.stdout: out, self.stderr: err}
         poller = select.poll()
         for fd in sinks:
@@ -202,6 +221,14 @@ class _Child:
                 if wait_ms == 0:
                     self.kill()  # what it wrote so far is kept; _reap collects its exit code
                     return
+            if watch is not None and next_check is not None:
+                if time.monotonic() >= next_check:
+                    if not watch[1]():
+                        self.kill()  # what it waits on is gone: as at the deadline
+                        return
+                    next_check = time.monotonic() + watch[0]
+                check_ms = max(0, int((next_check - time.monotonic()) * 1000))
+                wait_ms = check_ms if wait_ms is None else min(wait_ms, check_ms)
             for fd, event in poller.poll(wait_ms):
                 if fd == self.stdin:
                     try:
@@ -217,6 +244,9 @@ class _Child:
                 elif event & (select.POLLIN | select.POLLHUP | select.POLLERR):
                     if fd == self.stdout and stdout_into is not None:
                         more = stdout_into.read_from(fd, 4096) > 0  # a secret: in place, no bytes
+                        if stdout_limit is not None and len(stdout_into) > stdout_limit:
+                            self.kill()  # a secret cannot be this long: what it says is no answer
+                            more = False
                     else:
                         chunk = os.read(fd, 65536)
                         sinks[fd] += chunk
@@ -252,6 +282,8 @@ def run(
     timeout: float | None = None,
     check: bool = False,
     stdout_into: SecretBuffer | None = None,
+    stdout_limit: int | None = None,
+    watch: tuple[float, Callable[[], bool]] | None = None,
 ) -> Completed:
     """Run a program, capture its output, feed `input` on stdin.
 
@@ -259,11 +291,13 @@ def run(
     FileNotFoundError for the caller to turn into its own error. At `timeout` seconds the program
     is killed (its exit code is then -9). With `check`, an exit code other than 0 raises RunError.
     With `stdout_into`, what the program prints is a secret: read into that buffer, not kept in
-    Completed.stdout.
+    Completed.stdout; past `stdout_limit` bytes the program is killed. With `watch` (seconds, check),
+    check() is called that often while the program runs, and the program killed when it says False
+    (what it waits on is gone: the program would wait for ever).
     """
     argv = list(argv)
     trace("run: " + " ".join(argv))
-    done = _Child(argv, input is not None, pass_fds).collect(input, timeout, stdout_into)
+    done = _Child(argv, input is not None, pass_fds).collect(input, timeout, stdout_into, stdout_limit, watch)
     if check and done.returncode != 0:
         raise RunError(done)
     return done

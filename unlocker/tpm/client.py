@@ -29,6 +29,13 @@ class TpmInfo:
     lockout_counter: int
     max_tries: int
     in_lockout: bool
+    # seconds after which a lockout lets one more try through (TPM2_PT_LOCKOUT_INTERVAL)
+    lockout_interval: int = 0
+
+    @property
+    def tries_left(self) -> int:
+        """Failed authorisations the TPM takes before it locks out (0: locked out now)."""
+        return 0 if self.in_lockout else max(self.max_tries - self.lockout_counter, 0)
 
 
 class Tpm(Sealing, NvStorage):
@@ -72,10 +79,32 @@ class Tpm(Sealing, NvStorage):
         tss.fill_tpm2b(data, event[:len(data.buffer)])
         digests = tss.new("TPML_DIGEST_VALUES **")
         try:
-            self._esys.call("PCR_Event", lib.ESYS_TR_PCR0 + pcr, tss.PASSWORD, tss.NONE, tss.NONE, data, digests)
+            if self._srk is None:
+                self._esys.call("PCR_Event", lib.ESYS_TR_PCR0 + pcr, tss.PASSWORD, tss.NONE, tss.NONE, data, digests)
+            else:
+                # after an unseal the SRK the token pinned is selected: a session salted with it makes
+                # the TPM's answer carry an HMAC that only the real TPM can key, so something between
+                # us and the TPM cannot fake the extend's success (with no SRK selected, making one
+                # only for this would pin nothing)
+                with self._salted_session(lib.TPM2_SE_HMAC) as session:
+                    # PCR_Event's response starts with no TPM2B: response encryption is refused for it
+                    self._esys.call("TRSess_SetAttributes", session, 0, lib.TPMA_SESSION_ENCRYPT)
+                    self._esys.call("PCR_Event", lib.ESYS_TR_PCR0 + pcr, session, tss.NONE, tss.NONE, data, digests)
             tss.free(digests[0])
         except TssError as exc:
             raise errors.tpm_error(exc, errors.EXTEND_PCR) from None
+
+    def reset_count(self) -> int:
+        """How many times the TPM was reset (TPMS_CLOCK_INFO.resetCount): one more every boot."""
+        out = tss.new("TPMS_TIME_INFO **")
+        try:
+            self._esys.call("ReadClock", tss.NONE, tss.NONE, tss.NONE, out)
+        except TssError as exc:
+            raise errors.tpm_error(exc, errors.READ_CLOCK) from None
+        try:
+            return int(out[0].clockInfo.resetCount)
+        finally:
+            tss.free(out[0])
 
     def _properties(self, first: int, count: int) -> dict[int, int]:
         with self._capability(lib.TPM2_CAP_TPM_PROPERTIES, first, count) as (data, _):
@@ -104,4 +133,5 @@ class Tpm(Sealing, NvStorage):
             lockout_counter=props.get(lib.TPM2_PT_LOCKOUT_COUNTER, 0),
             max_tries=props.get(lib.TPM2_PT_MAX_AUTH_FAIL, 0),
             in_lockout=bool(permanent & _IN_LOCKOUT),
+            lockout_interval=props.get(lib.TPM2_PT_LOCKOUT_INTERVAL, 0),
         )

@@ -7,7 +7,7 @@ an unseal or NV read says the PCRs changed; TPM_RC_HANDLE in an NV read says the
 
 from __future__ import annotations
 
-from unlocker.errors import CorruptError, LockoutError, NoTpmError, PolicyError, UnlockerError, UsageError
+from unlocker.errors import BadPinError, CorruptError, LockoutError, NoTpmError, PolicyError, UnlockerError, UsageError
 from unlocker.lean.record import record
 from unlocker.tpm.tss import TssError, lib
 
@@ -47,6 +47,9 @@ NV_WRITE = Operation("writing NV index", nv_index=True)
 NV_READ = Operation("reading NV index", policy_guarded=True, nv_index=True)
 NV_UNDEFINE = Operation("removing NV index", nv_index=True)
 NV_LIST = Operation("listing NV indexes from", nv_index=True)
+COUNTER_READ = Operation("reading NV counter", nv_index=True)
+COUNTER_INCREMENT = Operation("incrementing NV counter", nv_index=True)
+READ_CLOCK = Operation("reading the TPM's reset count")
 
 # the sealed object (or its parent) is not what the TPM can load: damaged, or made elsewhere
 _DAMAGED = frozenset(("TPM2_RC_INTEGRITY", "TPM2_RC_BINDING", "TPM2_RC_SIZE", "TPM2_RC_INSUFFICIENT",
@@ -55,8 +58,9 @@ _DAMAGED = frozenset(("TPM2_RC_INTEGRITY", "TPM2_RC_BINDING", "TPM2_RC_SIZE", "T
 _DAMAGED_RC = frozenset(getattr(lib, name) for name in _DAMAGED)
 
 
-def tpm_error(exc: TssError, op: Operation) -> UnlockerError:
-    """Our error for `exc`, raised by `op`, with one line saying what failed."""
+def tpm_error(exc: TssError, op: Operation, *, with_pin: bool = False) -> UnlockerError:
+    """Our error for `exc`, raised by `op`, with one line saying what failed. `with_pin`: the
+    operation's authorisation was a PIN, so an authorisation failure means a wrong PIN."""
     rc = exc.rc
     if rc & _TCTI_LAYER_MASK == _TCTI_LAYER:
         return NoTpmError(f"the TPM stopped answering while {op.doing} ({exc})")
@@ -65,7 +69,12 @@ def tpm_error(exc: TssError, op: Operation) -> UnlockerError:
         return LockoutError("the TPM is in dictionary-attack lockout",
                             hint="it recovers by itself after its recovery time; "
                                  "tpm2_dictionarylockout --clear-lockout resets it")
-    if op.policy_guarded and base in (lib.TPM2_RC_POLICY_FAIL, lib.TPM2_RC_PCR_CHANGED, lib.TPM2_RC_VALUE):
+    if with_pin and base in (lib.TPM2_RC_AUTH_FAIL, lib.TPM2_RC_BAD_AUTH):
+        return BadPinError("wrong TPM PIN")
+    # TPM_RC_POLICY: a PolicyNV or PolicyCounterTimer comparison failed (a grace's counter or boots);
+    # TPM_RC_SIGNATURE: VerifySignature refused a signed policy's signature
+    if op.policy_guarded and base in (lib.TPM2_RC_POLICY_FAIL, lib.TPM2_RC_PCR_CHANGED, lib.TPM2_RC_VALUE,
+                                      lib.TPM2_RC_POLICY, lib.TPM2_RC_SIGNATURE):
         return PolicyError(f"the PCR policy is not satisfied while {op.doing}")
     if base in (lib.TPM2_RC_AUTH_FAIL, lib.TPM2_RC_BAD_AUTH):
         return PolicyError(f"the TPM refused the authorisation while {op.doing}")
@@ -73,6 +82,9 @@ def tpm_error(exc: TssError, op: Operation) -> UnlockerError:
         return CorruptError(f"the sealed object is damaged or not ours ({exc}) while {op.doing}")
     if op.nv_index and op.policy_guarded and base == lib.TPM2_RC_HANDLE:
         return CorruptError(f"the NV index does not exist while {op.doing}")
+    if op.policy_guarded and base == lib.TPM2_RC_HANDLE:
+        # the object is loaded already: a missing handle is an NV index the policy asserts (a counter)
+        return PolicyError(f"an NV index the policy asserts does not exist while {op.doing}")
     if op.nv_index and base == lib.TPM2_RC_NV_DEFINED:
         return UsageError(f"the NV index is already defined while {op.doing}")
     return NoTpmError(f"the TPM refused {op.doing}: {exc}")

@@ -28,13 +28,25 @@ _MADE_BY_THE_TPM = (lib.TPMA_OBJECT_FIXEDTPM | lib.TPMA_OBJECT_FIXEDPARENT | lib
 SRK_TEMPLATES = {"tcg": _TPM2_TOOLS_PRIMARY_ATTRS | lib.TPMA_OBJECT_NODA, "tpm2-tools": _TPM2_TOOLS_PRIMARY_ATTRS}
 
 
-def srk_template(kind: str) -> CData:
-    """TPM2B_PUBLIC of an ECC P-256 storage key with AES-128-CFB, as tpm2-tools' "ecc256:aes128cfb"."""
+def srk_template(kind: str, alg: str = "ecc") -> CData:
+    """TPM2B_PUBLIC of an ECC P-256 storage key with AES-128-CFB, as tpm2-tools' "ecc256:aes128cfb";
+    with alg "rsa" the RSA-2048 one ("rsa2048:aes128cfb"), which systemd-cryptenroll falls back to on a
+    TPM without ECC and Clevis makes for `"key":"rsa"`."""
     public = tss.new("TPM2B_PUBLIC *")
     area = public.publicArea
-    area.type = lib.TPM2_ALG_ECC
     area.nameAlg = lib.TPM2_ALG_SHA256
     area.objectAttributes = SRK_TEMPLATES[kind]
+    if alg == "rsa":
+        area.type = lib.TPM2_ALG_RSA
+        rsa = area.parameters.rsaDetail
+        rsa.symmetric.algorithm = lib.TPM2_ALG_AES
+        rsa.symmetric.keyBits.aes = 128
+        rsa.symmetric.mode.aes = lib.TPM2_ALG_CFB
+        rsa.scheme.scheme = lib.TPM2_ALG_NULL
+        rsa.keyBits = 2048
+        rsa.exponent = 0
+        return public
+    area.type = lib.TPM2_ALG_ECC
     ecc = area.parameters.eccDetail
     ecc.symmetric.algorithm = lib.TPM2_ALG_AES
     ecc.symmetric.keyBits.aes = 128
@@ -106,10 +118,10 @@ class SrkHolder(TpmBase):
             return None
         return handle, bool(attributes & lib.TPMA_OBJECT_NODA)
 
-    def _create_srk(self, kind: str) -> int:
+    def _create_srk(self, kind: str, alg: str = "ecc") -> int:
         out = tss.new("ESYS_TR *")
         self._esys.call("CreatePrimary", lib.ESYS_TR_RH_OWNER, tss.PASSWORD, tss.NONE, tss.NONE,
-                        tss.new("TPM2B_SENSITIVE_CREATE *"), srk_template(kind), tss.new("TPM2B_DATA *"),
+                        tss.new("TPM2B_SENSITIVE_CREATE *"), srk_template(kind, alg), tss.new("TPM2B_DATA *"),
                         tss.new("TPML_PCR_SELECTION *"), out, tss.ffi.NULL, tss.ffi.NULL, tss.ffi.NULL,
                         tss.ffi.NULL)
         return out[0]
@@ -180,9 +192,11 @@ class SrkHolder(TpmBase):
         raise NoTpmError("TPM identity changed: this TPM's storage root key is not the one the key was sealed "
                          "under (a different or cleared TPM, or something between us and the TPM)")
 
-    def use_tpm2_tools_srk(self) -> None:
-        """Select tpm2-tools' default primary, the parent of objects made by the ArchWiki recipe."""
+    def use_tpm2_tools_srk(self, alg: str = "ecc") -> None:
+        """Select tpm2-tools' default primary (`tpm2_createprimary -C o -G ecc|rsa`), the parent of
+        objects made by the ArchWiki recipe and by Clevis's tpm2 pin; systemd-cryptenroll before
+        version 254 (no tpm2_srk in its token) makes the same one."""
         try:
-            self._set_srk(self._create_srk("tpm2-tools"), transient=True, for_sealing=False)
+            self._set_srk(self._create_srk("tpm2-tools", alg), transient=True, for_sealing=False)
         except TssError as exc:
             raise errors.tpm_error(exc, errors.CREATE_SRK) from None

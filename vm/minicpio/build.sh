@@ -1,7 +1,8 @@
 #!/bin/bash
-# build.sh KERNELVERSION MODULEDIR HOOKDIR OUT [udev|bare]: a busybox image made by a mkinitcpio
-# install script. Sources functions.sh (the add_* API), runs `build` of the harness's udev hook (as
-# in Arch's default HOOKS; `bare` leaves it out) and of our install hook, adds the base (busybox,
+# build.sh KERNELVERSION MODULEDIR HOOKDIR OUT [udev|bare|plymouth]: a busybox image made by a
+# mkinitcpio install script. Sources functions.sh (the add_* API), runs `build` of the harness's udev
+# hook (as in Arch's default HOOKS; `bare` leaves it out; `plymouth` adds the harness's plymouth hook
+# after it, as Arch's HOOKS=(base udev plymouth ...)) and of our install hook, adds the base (busybox,
 # ext4, virtio) and packs the image. For tests where mkinitcpio itself is not packaged.
 set -eo pipefail
 KERNELVERSION=$1
@@ -31,7 +32,8 @@ map add_module virtio_pci virtio_blk ext4
 base_modules=("${_modules[@]}")
 
 hooks=("tpm2-unlocker:$HOOKDIR")
-[[ $FLAVOUR == udev ]] && hooks=("udev:$here" "${hooks[@]}")
+[[ $FLAVOUR == plymouth ]] && hooks=("plymouth:$here" "${hooks[@]}")
+[[ $FLAVOUR == udev || $FLAVOUR == plymouth ]] && hooks=("udev:$here" "${hooks[@]}")
 for entry in "${hooks[@]}"; do
     _hook_name=${entry%%:*}
     HOOKSDIR=${entry#*:}/hooks
@@ -43,7 +45,7 @@ done
 add_file "$here/init" /init 755
 # without udev, /init loads the disk's modules itself where udev's coldplug would
 coldplug=("${base_modules[@]}")
-[[ $FLAVOUR == udev ]] && coldplug=()
+[[ $FLAVOUR == bare ]] || coldplug=()
 printf 'COLDPLUG="%s"\nEARLYHOOKS="%s"\nHOOKS="%s"\nCLEANUPHOOKS="%s"\nEMERGENCYHOOKS="%s"\n' "${coldplug[*]}" \
     "${_earlyhooks[*]}" "${_runhooks[*]}" "${_cleanuphooks[*]}" "${_emergencyhooks[*]}" > "$BUILDROOT/config"
 depmod -b "$BUILDROOT" "$KERNELVERSION"
