@@ -34,7 +34,7 @@ if [ -d /lib/modules/tpm2u ]; then
   for m in fat vfat nls_cp437 nls_ascii nls_utf8; do busybox insmod /lib/modules/tpm2u/$m.ko 2>/dev/null; done
   busybox mount -t vfat -o ro /dev/vdb1 /efi 2>/dev/null && [ -f /efi/tpm2u-action ] && words="$words $(cat /efi/tpm2u-action)"
 fi
-action=; store=token; pcrs=sha256:0,2,4,7; recovery=; withpin=; measure=; predict=; hook=
+action=; store=token; pcrs=sha256:0,2,4,7; recovery=; withpin=; measure=; predict=; hook=; signing=
 for w in $words; do
   case "$w" in
     tpm2u.action=*) action=${w#*=} ;;
@@ -45,6 +45,8 @@ for w in $words; do
     tpm2u.measure=1) measure=1 ;;
     tpm2u.predict=1) predict=1 ;;
     tpm2u.hook=*) hook=${w#*=} ;;
+    # an admin's public key the host staged on the ESP: the enrolment takes it (--signing-key)
+    tpm2u.signing=1) signing="--signing-key /efi/staged/signing.pub.pem" ;;
   esac
 done
 if [ -n "$measure" ]; then
@@ -73,7 +75,8 @@ case "$action" in
 $pin
 EOF
     elif [ "$action" = enroll ]; then
-      printf %s "$pw" | tpm2-unlocker enroll "$disk" --unlock-key-file - --pcrs "$pcrs" --store "$store" $recovery
+      printf %s "$pw" | tpm2-unlocker enroll "$disk" --unlock-key-file - --pcrs "$pcrs" --store "$store" $recovery \
+        $signing
     elif [ "$action" = reseal ]; then
       printf %s "$pw" | tpm2-unlocker reseal "$disk" --unlock-key-file -
     elif [ "$action" = prepare-update ]; then
@@ -151,6 +154,11 @@ def build_root_dir(root: Path, binary: Path, moddir: Path | None = None) -> None
         (root / dest).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(hook, root / dest)
     install_program(binary, root, "/usr/bin/tpm2-unlocker")
+    # as on any installed system (Debian's libgcc-s1 is required): the binary's cryptography
+    # (sign-policy, enroll --signing-key) loads it from the system (LEFT_OUT_OF_BUNDLE)
+    libgcc = sorted(Path("/usr/lib").glob("*/libgcc_s.so.1")) + sorted(Path("/lib").glob("*/libgcc_s.so.1"))
+    assert libgcc, "libgcc_s.so.1 not found"
+    install_program(libgcc[0], root)
     if moddir is not None:
         (root / "lib" / "modules" / "tpm2u").mkdir(parents=True, exist_ok=True)
         for module in FAT_MODULES:

@@ -20,11 +20,12 @@ from .tools import run
 PADDING = b"tpm2-unlocker update " * 200
 
 
-def new_kernel(vmlinuz: Path, out: Path) -> Path:
+def new_kernel(vmlinuz: Path, out: Path, generation: int = 2) -> Path:
+    """Generation 3 and later: yet another build (more bytes appended), so two updates differ."""
     unsigned = out.with_suffix(".unsigned")
     unsigned.unlink(missing_ok=True)
     run(["pesign", "--remove-signature", "--signature-number", "0", "--in", vmlinuz, "--out", unsigned])
-    out.write_bytes(unsigned.read_bytes() + PADDING)
+    out.write_bytes(unsigned.read_bytes() + PADDING * (generation - 1))
     unsigned.unlink()
     return out
 
