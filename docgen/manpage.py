@@ -56,6 +56,9 @@ FILES: tuple[tuple[str, str], ...] = (
      "/usr/share/zsh/site-functions/ on Arch)"),
     ("/etc/tpm2-unlocker/", "file-store enrolments (--store file=DIR) the hooks carry into the image"),
     ("/run/tpm2-unlocker/locked", "left by the run that extended the lock PCR in this boot"),
+    ("/var/lib/tpm2-unlocker/policy-key.pem", "the machine key (ECC P-256, mode 0600): the signing key enroll "
+     "takes when this directory is on dm-crypt (--signing-key machine), with which reseal --predict approves "
+     "kernel and initramfs updates with no passphrase; remove it to stop that"),
 )
 
 ENVIRONMENT: tuple[tuple[str, str], ...] = (
@@ -63,6 +66,7 @@ ENVIRONMENT: tuple[tuple[str, str], ...] = (
     ("TPM2TOOLS_TCTI", "the same, as tpm2-tools reads it, when TPM2_UNLOCKER_TCTI is not set"),
     ("TPM2_UNLOCKER_EVENTLOG", "the event log predict, status and enroll read instead of the kernel's "
      "(/sys/kernel/security/tpm0/binary_bios_measurements)"),
+    ("TPM2_UNLOCKER_STATE_DIR", "the machine key's directory instead of /var/lib/tpm2-unlocker"),
 )
 
 SEE_ALSO = r"\fBcryptsetup\fR(8), \fBsystemd-cryptenroll\fR(1), \fBdracut\fR(8), \fBmkinitcpio\fR(8), \fBcrypttab\fR(5)"

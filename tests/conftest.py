@@ -1,11 +1,32 @@
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import Swtpm, make_luks_image, write_key_file
+
+
+@pytest.fixture(scope="session", autouse=True)
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """STATE_DIR (the machine key's directory) in a temporary folder and an empty sysfs for its storage
+    check, for the CLI runs and the tests' own calls alike: on a host whose disk is on dm-crypt an
+    enrolment would otherwise make a machine key and change what every enrolment seals. With no
+    block device in that sysfs, STATE_DIR counts as not encrypted: no machine key unless a test
+    makes one."""
+    path = tmp_path_factory.mktemp("state")
+    (path / "sys").mkdir()
+    values = {"TPM2_UNLOCKER_STATE_DIR": str(path / "tpm2-unlocker"), "TPM2_UNLOCKER_SYSFS": str(path / "sys")}
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    yield path
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

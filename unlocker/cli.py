@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from typing import Any, NoReturn
 
+    from unlocker.commands.reseal import Approval
+
 
 def verb_enroll(opts: argparse.Namespace) -> int:
     from unlocker.commands.enroll import EnrollOptions, enroll
@@ -80,7 +82,7 @@ def verb_lock(opts: argparse.Namespace) -> int:
 
 
 def verb_reseal(opts: argparse.Namespace) -> int:
-    from unlocker.commands.reseal import KEEP, Prediction, ResealOptions, reseal
+    from unlocker.commands.reseal import KEEP, Approval, Prediction, ResealOptions, reseal
 
     lock = KEEP if opts.lock_pcr is None else None if opts.lock_pcr == options.NO_LOCK else opts.lock_pcr
     if opts.with_pin and opts.without_pin:
@@ -94,12 +96,24 @@ def verb_reseal(opts: argparse.Namespace) -> int:
     prediction = Prediction(**components) if opts.predict else None
     for token in reseal(ResealOptions(opts.device, opts.pcrs, opts.unlock_key_file, opts.tcti, lock_pcr=lock,
                                       with_pin=with_pin, pin_file=opts.pin_file, predict=prediction)):
+        if isinstance(token, Approval):
+            _say_approval(opts.device, token)
+            continue
         pin = " and a PIN" if token.pin else ""
         more = len(token.more_branches)
         chains = f" and {more} further chain{'s' if more > 1 else ''} (PolicyOR)" if more else ""
         say(f"{opts.device}: re-sealed keyslot {token.keyslot} to the current values of {token.selection}{chains}{pin} "
             f"({token.describe_store()}, token {token.token_id})")
     return EXIT_OK
+
+
+def _say_approval(device: str, approval: Approval) -> None:
+    signatures = approval.signatures
+    ids = ", ".join(str(s.token_id) for s in signatures)
+    what = "the current chain and the next boot's" if len(signatures) > 1 else "the current chain (the next boot's is the same)"
+    say(f"{device}: approved {what} with the machine key, no re-seal (token {approval.token.token_id}: "
+        f"signature token{'s' if len(signatures) > 1 else ''} {ids}, epoch {signatures[0].epoch}); older approvals "
+        "are retired")
 
 
 def verb_prepare_update(opts: argparse.Namespace) -> int:

@@ -161,8 +161,12 @@ VERBS: tuple[Verb, ...] = (
         Arg("--with-pin", "the TPM also asks for a PIN at boot (PolicyAuthValue; the TPM's dictionary-attack "
             "lockout guards it)", flag=True),
         PIN_FILE,
-        Arg("--signing-key", "a PEM public key (RSA-2048 or ECC P-256): PCR values its private key signs with "
-            "'sign-policy' unlock too (PolicyAuthorize), with no re-seal", metavar="PUB.pem"),
+        Arg("--signing-key", "PCR values a key signs unlock too (PolicyAuthorize), with no re-seal: PUB.pem, a PEM "
+            "public key (RSA-2048 or ECC P-256) whose private half signs with 'sign-policy'; 'machine', the "
+            "machine's own key ($TPM2_UNLOCKER_STATE_DIR/policy-key.pem, default /var/lib/tpm2-unlocker; made if "
+            "need be, refused unless on dm-crypt) with which 'reseal --predict' approves kernel and initramfs "
+            "updates with no passphrase; 'none', no signing key. Default: 'machine' when that directory is on "
+            "dm-crypt, else none", metavar="PUB.pem|machine|none"),
         TCTI, DEBUG)),
     Verb("recovery-key", "add a recovery key (shown once, as text and QR code) in a keyslot of its own: it "
          "opens the disk at the passphrase prompt when the TPM cannot", (

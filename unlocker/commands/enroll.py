@@ -10,9 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from unlocker import store
-from unlocker.commands import pending
+from unlocker.commands import machine_key, pending
 from unlocker.commands.passphrase import existing_passphrase
-from unlocker.errors import CorruptError, UsageError
+from unlocker.errors import CorruptError, UnlockerError, UsageError
 from unlocker.log import say
 from unlocker.luks import LuksDevice
 from unlocker.measure.enrolment import events_at_sealing
@@ -38,7 +38,12 @@ class EnrollOptions:
     lock_pcr: int | None = DEFAULT_LOCK_PCR
     with_pin: bool = False
     pin_file: str | None = None  # the PIN (else asked on the terminal); given alone, it means with_pin
-    signing_key: str | None = None  # a PEM public key: sign-policy's signatures open the key too
+    # a PEM public key: sign-policy's signatures open the key too; MACHINE: the machine key's (made if
+    # need be); NONE: no signing key; None (not given): the machine key's when STATE_DIR is encrypted
+    signing_key: str | None = None
+
+
+MACHINE, NONE = "machine", "none"
 
 
 class Undo:
@@ -184,10 +189,48 @@ def enroll(opts: EnrollOptions) -> Token:
         say(f"{opts.spec.blob_dir} is not under /etc/tpm2-unlocker/: the initramfs hooks carry no files from there, "
             "so this enrolment opens the disk on the running system only, not at boot")
     signing_key = None
-    if opts.signing_key is not None:
+    machine = _wants_machine_key(opts.signing_key)
+    if opts.signing_key not in (None, MACHINE, NONE):
         from unlocker.commands.keys import load_public
 
         signing_key = load_public(opts.signing_key)  # a bad key file is said before anything changes
+    created = False
+    if machine:
+        try:
+            created = machine_key.create()
+            signing_key = machine_key.load().public
+        except UnlockerError as exc:
+            if opts.signing_key == MACHINE:
+                raise
+            say(f"no machine key ({exc}): enrolling without a signing key; kernel and initramfs updates will "
+                "need the passphrase")
+            machine = False
+    try:
+        token = _enroll(opts, device, signing_key)
+    except BaseException:
+        if created:  # nothing took its public half: a key made for nothing goes
+            machine_key.remove()
+        raise
+    if machine:
+        say(f"kernel and initramfs updates will be approved by the machine key at {machine_key.key_path()}, "
+            "no passphrase ('--signing-key none' at enrolment opts out)")
+    return token
+
+
+def _wants_machine_key(signing_key: str | None) -> bool:
+    """--signing-key machine: yes, and only on encrypted storage; not given: yes if STATE_DIR is
+    encrypted (else as before the machine key existed); none or a key file: no."""
+    if signing_key not in (None, MACHINE):
+        return False
+    if machine_key.state_dir_encrypted():
+        return True
+    if signing_key == MACHINE:
+        raise UsageError(f"--signing-key machine: {machine_key.state_dir()} is not on encrypted storage (dm-crypt); "
+                         "a key there would let anyone holding the disk approve any boot chain")
+    return False
+
+
+def _enroll(opts: EnrollOptions, device: LuksDevice, signing_key: bytes | None) -> Token:
     tcti = resolve_tcti(opts.tcti)
     with existing_passphrase(device, opts.unlock_key_file) as passphrase, Tpm(tcti) as tpm, \
             Secret.random(KEY_SIZE) as key, pin_auth(opts.with_pin or opts.pin_file is not None, opts.pin_file,

@@ -10,7 +10,8 @@ from unlocker.errors import UsageError
 from unlocker.tpm import signing
 
 
-def _cryptography() -> Any:
+def cryptography_serialization() -> Any:
+    """cryptography's serialization module, or one line saying this build lacks it."""
     try:
         from cryptography.hazmat.primitives import serialization
     except ImportError:
@@ -41,7 +42,7 @@ def public_area(key: Any) -> bytes:
 
 def load_public(path: str) -> bytes:
     """A PEM public key (or the public half of a PEM private key), as a TPM2B_PUBLIC."""
-    serialization = _cryptography()
+    serialization = cryptography_serialization()
     data = _read(path, "signing key")
     try:
         key = serialization.load_pem_public_key(data)
@@ -57,7 +58,7 @@ class PrivateKey:
     """A PEM private key that signs policy digests (sign-policy)."""
 
     def __init__(self, path: str) -> None:
-        serialization = _cryptography()
+        serialization = cryptography_serialization()
         try:
             self._key = serialization.load_pem_private_key(_read(path, "private key"), password=None)
         except (ValueError, TypeError):

@@ -59,5 +59,6 @@ def prepare_update(opts: PrepareOptions) -> list[tuple[str, Token]]:
         with_pin = True if opts.pin_file is not None else None
         for token in reseal(ResealOptions(path, None, opts.unlock_key_file, opts.tcti, with_pin=with_pin,
                                           pin_file=opts.pin_file, grace=GraceRequest(left_out, opts.boots))):
+            assert isinstance(token, Token)  # a grace is sealed, never approved by the machine key
             done.append((path, token))
     return done

@@ -26,6 +26,7 @@ from unlocker.log import say
 from unlocker.luks import LuksDevice
 from unlocker.options import DEFAULT_LOCK_PCR
 from unlocker.secret import Secret
+from unlocker.signature import Signature
 from unlocker.store import StoreSpec
 from unlocker.token import Grace, PcrBranch, Token
 from unlocker.tpm.client import Tpm
@@ -256,13 +257,13 @@ class _Passphrase:
             self.secret.wipe()
 
 
-def reseal(opts: ResealOptions) -> list[Token]:
+def reseal(opts: ResealOptions) -> list[Token | Approval]:
     device = LuksDevice(opts.device)
     device.metadata()
     left = pending.anything_left(device)
     if not left:
         _enrolled(device)
-    done: list[Token] = []
+    done: list[Token | Approval] = []
     with Tpm(resolve_tcti(opts.tcti)) as tpm:
         if left:
             asked = _Passphrase(device, opts.unlock_key_file)
@@ -272,8 +273,56 @@ def reseal(opts: ResealOptions) -> list[Token]:
                 asked.wipe()
         for _, old in _enrolled(device):
             if isinstance(old, Token):
-                done.append(_reseal_one(tpm, device, old, opts))
+                approval = _approve_with_machine_key(tpm, device, old, opts)
+                done.append(approval if approval is not None else _reseal_one(tpm, device, old, opts))
     return done
+
+
+@dataclass(frozen=True)
+class Approval:
+    """reseal --predict on an enrolment whose signing key is the machine key: nothing re-sealed, the
+    chains approved by signatures (the current one first, then the predicted), older ones retired."""
+
+    token: Token
+    signatures: tuple[Signature, ...]
+
+
+def _approve_with_machine_key(tpm: Tpm, device: LuksDevice, old: Token, opts: ResealOptions) -> Approval | None:
+    """Approve the current and the predicted chains with the machine key instead of re-sealing: no
+    unseal, so no passphrase (the booted system's lock PCR forbids the unseal). None when that does
+    not apply: no prediction asked, a change only a re-seal makes (PCRs, lock PCR, PIN), no signed
+    branch, or the machine key absent or not this enrolment's (then reseal does what it always did)."""
+    signed = old.signed
+    if signed is None or (opts.predict is None and not opts.predicted) or opts.grace is not None:
+        return None
+    if opts.selection not in (None, old.selection) or opts.lock_pcr is not KEEP or opts.with_pin is not None:
+        return None
+    from unlocker.commands import machine_key
+    from unlocker.commands.sign_policy import approve_and_retire
+    from unlocker.tpm.signing import key_name
+
+    if not machine_key.machine_key_present():
+        return None
+    try:
+        key = machine_key.load()
+    except UnlockerError as exc:
+        say(f"the machine key is not usable ({exc}): re-sealing instead")
+        return None
+    if key_name(key.public) != signed.key_name:
+        say(f"the machine key {machine_key.key_path()} is not the signing key of token {old.token_id}: "
+            "re-sealing instead")
+        return None
+
+    selection = signed.selection
+    chains = [tpm.read_pcrs(selection)]  # the chain booted now: its next boot too
+    for values in opts.predicted:
+        if any(p not in values for p in selection.pcrs):
+            raise UsageError(f"a predicted chain lacks values for {selection}, the PCRs the signing key approves")
+        chains.append({p: values[p] for p in selection.pcrs})
+    if opts.predict is not None:
+        chains.append(predict(tpm, selection, opts.predict))  # before any change: a failed prediction changes nothing
+    signatures = approve_and_retire(tpm, device, old, key, chains)
+    return Approval(old, tuple(signatures))
 
 
 def _enrolled(device: LuksDevice) -> list[tuple[int, Token | CorruptError]]:

@@ -11,11 +11,12 @@ those approving the PCR values it reads, newest epoch first.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from unlocker.commands.enroll import Undo
 from unlocker.commands.keys import PrivateKey
-from unlocker.errors import UnlockerError, UsageError
+from unlocker.errors import CorruptError, UnlockerError, UsageError
 from unlocker.log import say
 from unlocker.luks import LuksDevice
 from unlocker.signature import Signature, signatures_in
@@ -104,6 +105,19 @@ def sign_one(tpm: Tpm, device: LuksDevice, token: Token, key: PrivateKey, opts: 
         values = tpm.read_pcrs(selection)
     values.update(given)
     epoch = tpm.counter_read(signed.epoch) + (1 if opts.retire_older else 0)
+    signature = approve(tpm, device, token, key, selection, values, epoch)
+    if opts.retire_older:
+        tpm.counter_increment(signed.epoch)
+    _tidy(device, signature)
+    return signature
+
+
+def approve(tpm: Tpm, device: LuksDevice, token: Token, key: PrivateKey, selection: PcrSelection,
+            values: dict[int, bytes], epoch: int) -> Signature:
+    """Sign `values` of `selection` for `token` at `epoch`, check the policy and the signature with the
+    TPM (a trial session; VerifySignature, the boot's own check), and write it into the header."""
+    signed = token.signed
+    assert signed is not None
     plan = PolicyPlan(selection, values, (token.epoch_check(epoch),))
     approved = approved_digest(plan)
     if tpm.trial_plan(plan) != approved:
@@ -111,19 +125,57 @@ def sign_one(tpm: Tpm, device: LuksDevice, token: Token, key: PrivateKey, opts: 
     digest = authorized_digest(approved, signed.policy_ref)
     signature = Signature(signed.key_name, signed.policy_ref, selection, values, epoch, approved, digest,
                           key.sign(digest))
-    tpm.verify_signature(signed.key_public, digest, signature.signature)  # the boot's own check, now
+    tpm.verify_signature(signed.key_public, digest, signature.signature)
     signature.token_id = device.import_document(signature.to_json())
-    if opts.retire_older:
-        tpm.counter_increment(signed.epoch)
-    _tidy(device, signature)
     return signature
 
 
-def _tidy(device: LuksDevice, newest: Signature) -> None:
+def approve_and_retire(tpm: Tpm, device: LuksDevice, token: Token, key: PrivateKey,
+                       chains: list[dict[int, bytes]]) -> list[Signature]:
+    """Approve each of `chains` (values of the signed selection) at a new epoch, then advance the
+    epoch counter so every older approval stops working (a kernel removed since no longer boots).
+
+    The counter moves only once every new signature is in the header, read back and verified: a
+    failure before that removes the new ones and leaves the old ones working (their epoch is
+    still the counter's)."""
+    signed = token.signed
+    assert signed is not None
+    epoch = tpm.counter_read(signed.epoch) + 1
+    unique: list[dict[int, bytes]] = []
+    for values in chains:
+        if values not in unique:
+            unique.append(values)
+    made: list[Signature] = []
+    with Undo("approval") as undo:
+        for values in unique:
+            signature = approve(tpm, device, token, key, signed.selection, values, epoch)
+            undo.push(f"remove signature token {signature.token_id}", _remover(device, signature))
+            made.append(signature)
+        in_header = {s.token_id: s for s in signatures_in(device.raw_tokens())}
+        for signature in made:
+            written = in_header.get(signature.token_id)
+            if written != signature:
+                raise CorruptError(f"signature token {signature.token_id} does not read back as written: "
+                                   "nothing retired")
+            tpm.verify_signature(signed.key_public, written.signed_digest, written.signature)
+        tpm.counter_increment(signed.epoch)
+    if made:
+        _tidy(device, made[-1], keep=made)
+    return made
+
+
+def _remover(device: LuksDevice, signature: Signature) -> Callable[[], object]:
+    tid = signature.token_id
+    return lambda: device.remove_token(tid if tid is not None else -1)
+
+
+def _tidy(device: LuksDevice, newest: Signature, keep: list[Signature] | None = None) -> None:
     """Remove the signatures of this key the new one makes pointless: those of an older epoch (below
-    the counter now: the TPM refuses them anyway), the same values again, and past KEPT the oldest."""
+    the counter now: the TPM refuses them anyway), the same values again, and past KEPT the oldest.
+    `keep`: signatures just made beside `newest`, which stay."""
+    kept = {s.token_id for s in [newest, *(keep or [])]}
     mine = [s for s in signatures_in(device.raw_tokens())
-            if s.key_name == newest.key_name and s.token_id != newest.token_id]
+            if s.key_name == newest.key_name and s.token_id not in kept]
     going = [s for s in mine if s.epoch < newest.epoch
              or (s.selection, s.pcr_values) == (newest.selection, newest.pcr_values)]
     going += [s for s in mine if s not in going][KEPT - 1:]  # newest epoch first: the oldest go

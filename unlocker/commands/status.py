@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from unlocker.branch import closest_chain, closest_changes, holds
+from unlocker.commands import machine_key
 from unlocker.commands.others import OtherEnrolment, describe_other, other_enrolments
 from unlocker.commands.pending import leftovers
 from unlocker.commands.recovery import recovery_slots
@@ -51,6 +52,9 @@ class EnrolmentStatus:
     pcr_table: list[PcrRow] = field(default_factory=list)
     reseal_would: str = ""
     chains: int = 1  # the boot chains the key is sealed to (PolicyOR over them when more than one)
+    # a signed enrolment's key: "machine" (this machine's key, STATE_DIR/policy-key.pem: reseal --predict
+    # approves updates with it), "other" (a key kept elsewhere: sign-policy --key); "" without one
+    signing_key: str = ""
     # per changed PCR (as a string, for JSON), the events of this boot's log that differ from enrolment's
     changed_events: dict[str, list[str]] = field(default_factory=dict)
 
@@ -83,6 +87,8 @@ def _enrolment(tpm: Tpm | None, tid: int, token: Token | CorruptError,
     entry = EnrolmentStatus(token_id=tid, valid=True, store=token.store, location=token.describe_store(),
                             keyslot=token.keyslot, pcrs=str(token.selection), keyslot_owned=token.keyslot_owned)
     entry.lock_pcr, entry.pin = token.lock_pcr, token.pin
+    if token.signed is not None:
+        entry.signing_key = "machine" if machine_key.matches(token.signed.key_name) else "other"
     if tpm is not None:
         current = tpm.read_pcrs(token.read_selection())
         now_lock = current.get(token.lock_pcr, b"") if token.lock_pcr is not None else b""
@@ -200,6 +206,10 @@ def render(result: Status) -> str:
             if e.lock_pcr is not None:
                 state += f"; lock PCR {e.lock_pcr}" + (" extended (locked until the next boot)" if e.locked else "")
             chains = f" ({e.chains} sealed chains)" if e.chains > 1 else ""
+            if e.signing_key == "machine":
+                chains += f", signed policies by this machine's key ({machine_key.key_path()})"
+            elif e.signing_key == "other":
+                chains += ", signed policies by a key not on this machine (sign-policy --key)"
             lines.append(f"{result.device}: token {e.token_id}: keyslot {e.keyslot}{owner}, {e.location}, "
                          f"PCRs {e.pcrs}{chains}: {state}")
             lines.extend(_table(e))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from unlocker.errors import UsageError
 from unlocker.measure import events as ev
-from unlocker.measure.eventlog import SYSFS_EVENTLOG, Event, EventLog, EventLogError, not_replaying, read, replay
+from unlocker.measure.eventlog import SYSFS_EVENTLOG, Event, EventLog, EventLogError, default_path, not_replaying, read, replay
 from unlocker.measure.pe import authenticode_digests
 from unlocker.options import LOCK_PCRS
 from unlocker.tpm.client import Tpm
@@ -133,7 +133,7 @@ def prediction(selection: PcrSelection, *, kernel: str | None = None, bootloader
                tpm: Tpm | None = None) -> Prediction:
     """predict_pcrs with what the CLI shows: the current values and the events replaced, per PCR."""
     digests = component_digests(selection.bank, kernel=kernel, bootloader=bootloader, initrd=initrd, cmdline=cmdline)
-    source = eventlog or SYSFS_EVENTLOG
+    source = eventlog or default_path()  # $TPM2_UNLOCKER_EVENTLOG too, as read() takes it
     log = read(source)
     if tpm is None:
         from unlocker.tpm.tcti import resolve_tcti
