@@ -16,13 +16,23 @@ PREFIX = "tpm2-unlocker: "
 _debug = False
 
 
+# Control characters (C0, DEL, C1) shown as '?': messages quote header fields, device names and
+# file contents, which are anyone's to write, and at boot they reach the console just before the
+# prompt, where an escape sequence could clear the screen and draw a reason or prompt of its own.
+_PRINTABLE = {c: "?" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def printable(text: str) -> str:
+    return text.translate(_PRINTABLE)
+
+
 def say(message: str) -> None:
-    print(PREFIX + message, file=sys.stderr, flush=True)
+    print(PREFIX + printable(message), file=sys.stderr, flush=True)
 
 
 def hint(message: str) -> None:
     """What to do about the line said before; prefixed too, as at boot it shares the console."""
-    print(PREFIX + "hint: " + message, file=sys.stderr, flush=True)
+    print(PREFIX + "hint: " + printable(message), file=sys.stderr, flush=True)
 
 
 def debug_on_cmdline(marker: str = initrd.MARKER) -> bool:

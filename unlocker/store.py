@@ -13,6 +13,7 @@ from unlocker import TYPE_CHECKING
 from unlocker.branch import candidates, read_selection
 from unlocker.errors import CorruptError, PinNeededError, PolicyError, UnlockerError, UsageError
 from unlocker.lean.record import record
+from unlocker.log import say
 from unlocker.secret import Secret
 from unlocker.token import Branch, Token, parse_nv_index
 from unlocker.tpm.client import Tpm
@@ -214,16 +215,48 @@ def da_protected(tpm: Tpm, token: Token) -> bool:
 
 
 def destroy(tpm: Tpm | None, token: Token) -> None:
-    """Remove the sealed key a token points at (an NV index, or its pair of blob files)."""
+    """Remove the sealed key a token points at (an NV index, or its pair of blob files), only when
+    it is the enrolment's: the header that names it is anyone's to write, and may name another
+    tool's NV index, another disk's sealed key or any file ending in .pub. An NV index goes only
+    with our attributes (or adopted) and the token's policy; blob files only when they hold a sealed object with
+    the token's policy. Anything else stays, and is said."""
     if token.store == "nv" and tpm is not None:
+        info = tpm.nv_info(token.nv_index)
+        if info is None:
+            return
+        # an adopted index (tpm2-tools' attributes) goes too once ours replaced it: it holds the key
+        ours = nv_attributes_ours(info.attributes) or not token.keyslot_owned
+        if not ours or info.auth_policy != token.policy_hash:
+            say(f"NV index 0x{token.nv_index:08x} stays: it is not this enrolment's sealed key (other attributes "
+                "or policy); if it is yours, 'tpm2_nvundefine' it")
+            return
         tpm.nv_undefine(token.nv_index)
     elif token.store == "file":
+        pair = blob_paths(token.blob_dir, token.blob_name)
+        if any(os.path.lexists(path) for path in pair):
+            try:
+                policy: bytes | None = sealed_auth_policy(read_blob_pair(*pair))
+            except (OSError, UnlockerError):
+                policy = None
+            if policy != token.policy_hash:
+                say(f"{token.describe_store()} stay: they do not hold this enrolment's sealed key")
+                return
         for path in blob_paths(token.blob_dir, token.blob_name):
             for name in (path, path + PENDING):
                 try:
                     os.unlink(name)
                 except FileNotFoundError:
                     pass
+
+
+def nv_attributes_ours(attributes: int) -> bool:
+    """The attributes our NV stores are defined with (written and locked, or not yet), with or
+    without noDA (a key with a PIN is DA-protected)."""
+    from unlocker.tpm.nv import OUR_NV_ATTRIBUTES
+    from unlocker.tpm.tss import lib
+
+    attributes &= ~(lib.TPMA_NV_WRITTEN | lib.TPMA_NV_WRITELOCKED)
+    return attributes in (OUR_NV_ATTRIBUTES, OUR_NV_ATTRIBUTES & ~lib.TPMA_NV_NO_DA)
 
 
 def read_blob_pair(pub_path: str, priv_path: str) -> SealedObject:

@@ -274,6 +274,20 @@ class Token:
         self.branch_policies = digests if len(digests) > 1 else []
         self.policy_hash = combined_policy(digests)
 
+    def policy_described(self) -> bool:
+        """Whether the header's description of the policy (its chains and their values, the lock PCR,
+        the PIN, the signing key's name and reference, the grace's counter and limits) digests to its
+        policy_hash. The header is anyone's to write and the TPM enforces the digests only: what a
+        re-seal or a signature carries over from a token must be proven this way first, and the
+        policy_hash itself against the sealed key (store.check_placement, or an unseal through it)."""
+        try:
+            digests = [branch_digest(b.plan) for b in self.branches()]
+        except (ValueError, KeyError, TypeError):
+            return False
+        if len(digests) == 1:
+            return not self.branch_policies and digests[0] == self.policy_hash
+        return digests == self.branch_policies and combined_policy(digests) == self.policy_hash
+
     def branch_policy(self, index: int) -> bytes:
         """The digest of branch `index` (the policy itself when it is the only one)."""
         return self.branch_policies[index] if self.branch_policies else self.policy_hash

@@ -185,16 +185,14 @@ def test_a_header_edited_to_drop_the_pin_does_not_make_reseal_drop_it(disk: Path
     enroll(disk, key_file, tpm, "--with-pin", "--pin-file", str(pin_file))
     (tid, token), = our_tokens(disk).items()
     replace_token(disk, tid, {**token, "pin": False})
-    done = run_cli("reseal", str(disk), "--unlock-key-file", str(key_file), tpm=tpm)
-    assert done.returncode == 1, done.stderr  # the PIN is kept, and none was given here to seal with
-    assert b"the sealed key is DA-protected as keys with a PIN are: keeping a PIN" in done.stderr
-    assert b"no TPM PIN given" in done.stderr
-    (after,) = our_tokens(disk).values()
-    assert after == {**token, "pin": False}  # nothing changed
-    kept = run_cli("reseal", str(disk), "--unlock-key-file", str(key_file), "--pin-file", str(pin_file), tpm=tpm)
-    assert kept.returncode == 0, kept.stderr
-    (after,) = our_tokens(disk).values()
-    assert after["pin"] is True
+    # the token no longer describes the sealed key's policy (PolicyAuthValue is in it): nothing is
+    # carried over from such a header, with or without a PIN given (commands/claims.py)
+    for pin in ((), ("--pin-file", str(pin_file))):
+        done = run_cli("reseal", str(disk), "--unlock-key-file", str(key_file), *pin, tpm=tpm)
+        assert done.returncode == 5, done.stderr
+        assert f"token {tid} describes another policy than its sealed key carries".encode() in done.stderr
+        (after,) = our_tokens(disk).values()
+        assert after == {**token, "pin": False}  # nothing changed
 
 
 def test_a_copied_second_pin_enrolment_is_never_tried(disk: Path, key_file: Path, pin_file: Path,

@@ -71,7 +71,9 @@ def test_values_the_key_approves_unseal_with_no_reseal_and_others_do_not(disk: P
     done = enroll(disk, key_file, tpm, "--pcrs", SEL, "--signing-key", str(public))
     assert b"or values its signing key approves (sign-policy)" in done.stderr
     (doc,) = our_tokens(disk).values()
-    assert doc["signed"]["policy_ref"] == b"tpm2-unlocker".hex() and len(doc["branch_policies"]) == 2
+    # the reference binds the epoch counter: H("tpm2-unlocker" || its NV name)
+    ref = hashlib.sha256(b"tpm2-unlocker" + bytes.fromhex(doc["signed"]["epoch_name"])).hexdigest()
+    assert doc["signed"]["policy_ref"] == ref and len(doc["branch_policies"]) == 2
     before = json.dumps(doc, sort_keys=True)
     said = sign(disk, tpm, private, "--pcrs", f"sha256:0,4={kernel_value(tpm, KERNEL_A)},7")
     assert "approved the values of sha256:0,4,7 (signature token 1, epoch " in said

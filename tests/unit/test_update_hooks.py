@@ -41,11 +41,27 @@ class Machine:
         subprocess.run(["cryptsetup", "token", "import", "--json-file", "-", str(self.enrolled)], check=True,
                        input=b'{"type":"tpm2-unlocker","keyslots":[]}')
         self.other = make_luks_image(tmp / "other.img")  # LUKS2, not ours
-        self._script("blkid", f'[ "$*" = "-t TYPE=crypto_LUKS -o device" ] || exit 2\n'
-                              f'echo {self.enrolled}\necho {self.other}\n')
+        self.devices = tmp / "devices"  # what the stub blkid lists
+        self.devices.write_text(f"{self.enrolled}\n{self.other}\n")
+        self._script("blkid", f'[ "$*" = "-t TYPE=crypto_LUKS -o device" ] || exit 2\ncat {self.devices}\n')
+        # the enrolled disk open as "root": dm's uuid as cryptsetup sets it, in a sysfs of our own
+        self.sys = tmp / "sys"
+        uuid = subprocess.run(["cryptsetup", "luksUUID", str(self.enrolled)], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        (self.sys / "block" / "dm-0" / "dm").mkdir(parents=True)
+        (self.sys / "block" / "dm-0" / "dm" / "uuid").write_text(f"CRYPT-LUKS2-{uuid.replace('-', '')}-root\n")
         self._script("bootctl", 'exit "${BOOTCTL_RC:-1}"\n')
         self._script("tpm2-unlocker", 'printf "%s\\n" "$*" >>"$LOG"\n[ -n "${SAY:-}" ] && echo "$SAY" >&2\n'
                                       'exit "${RC:-0}"\n')
+
+    def plug_in(self, name: str) -> Path:
+        """Another disk with a token of ours, not open here (a USB stick)."""
+        stick = make_luks_image(self.tmp / name)
+        subprocess.run(["cryptsetup", "token", "import", "--json-file", "-", str(stick)], check=True,
+                       input=b'{"type":"tpm2-unlocker","keyslots":[]}')
+        with self.devices.open("a") as f:
+            f.write(f"{stick}\n")
+        return stick
 
     def _script(self, name: str, body: str) -> None:
         path = self.bin / name
@@ -54,7 +70,7 @@ class Machine:
 
     def env(self, **extra: str) -> dict[str, str]:
         return {"PATH": f"{self.bin}:/usr/sbin:/usr/bin:/sbin:/bin", "LOG": str(self.log),
-                "TPM2_UNLOCKER_LIBDIR": str(self.lib), **extra}
+                "TPM2_UNLOCKER_LIBDIR": str(self.lib), "TPM2_UNLOCKER_SYSFS": str(self.sys), **extra}
 
     def run(self, argv: list[str | Path], **extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(a) for a in argv], capture_output=True, text=True, env=self.env(**extra),
@@ -69,10 +85,32 @@ def machine(tmp_path: Path) -> Machine:
     return Machine(tmp_path)
 
 
-def test_reseal_predict_reseals_every_enrolled_disk_and_no_other(machine: Machine) -> None:
+def test_reseal_predict_reseals_every_enrolled_disk_open_here_and_no_other(machine: Machine) -> None:
+    stick = machine.plug_in("stick.img")
     done = machine.run([RESEAL_PREDICT, "kernel 6.1", "--kernel", "/boot/k", "--initrd", "/boot/i"])
-    assert done.returncode == 0 and done.stderr == ""
+    assert done.returncode == 0
     assert machine.calls() == [f"reseal {machine.enrolled} --predict --kernel /boot/k --initrd /boot/i"]
+    # a disk with our token that is not open here (a USB stick: anyone's header) is only named
+    assert done.stderr == f"tpm2-unlocker: {stick}: not open on this system: not re-sealed for the new " \
+                          "kernel 6.1 (a disk plugged in is not trusted)\n"
+
+
+def test_a_disk_with_the_uuid_of_an_open_one_but_not_under_it_is_not_resealed(machine: Machine) -> None:
+    """A block device (a stick carrying a copy of the open disk's header, UUID and all) that is not the
+    device under the mapping: not re-sealed."""
+    (machine.sys / "block" / "dm-0" / "slaves" / "vda").mkdir(parents=True)
+    loop = subprocess.run(["losetup", "--find", "--show", "--read-only", str(machine.enrolled)], capture_output=True,
+                          text=True)
+    if loop.returncode != 0:
+        pytest.skip(f"no loop device here ({loop.stderr.strip()})")
+    device = loop.stdout.strip()
+    try:
+        machine.devices.write_text(f"{device}\n")
+        done = machine.run([RESEAL_PREDICT, "kernel 6.1", "--kernel", "/boot/k"])
+        assert done.returncode == 0 and machine.calls() == []
+        assert f"{device}: not open on this system" in done.stderr
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)
 
 
 def test_a_failed_reseal_warns_with_the_reason_says_what_the_next_boot_does_and_never_fails(machine: Machine) -> None:

@@ -79,6 +79,17 @@ def refresh(tpm: Tpm, device: LuksDevice, token: Token, branch: Branch, key: Sec
             "is not re-sealed at boot: run 'tpm2-unlocker reseal'")
         return
     grace = branch.kind == "grace"
+    if not token.policy_described():
+        # the unseal proved the digests, not the header's words about them (the PCRs a grace left
+        # out, a chain's values, the signing key): a re-seal from those could bind less than was
+        # sealed. A grace used here is spent all the same (its counter is the one its policy names).
+        spent = ""
+        if grace and token.grace is not None and tpm.nv_name(token.counter) == token.grace.counter_name:
+            tpm.counter_increment(token.counter)
+            spent = "; the firmware update's one-boot grace is spent"
+        say(f"{device.path}: the enrolment is behind this boot's PCR values, but its token describes another "
+            f"policy than its sealed key carries (was the header edited?): not re-sealed at boot{spent}")
+        return
     new = after_grace(tpm, token) if grace else without_stale(tpm, token, branch.index)
     sealed = tpm.seal(key, new.policy_hash, auth)
     new.public, new.private = sealed.public, sealed.private

@@ -27,7 +27,7 @@ from unlocker.errors import CorruptError, UnlockerError
 from unlocker.log import say
 from unlocker.luks import LuksDevice
 from unlocker.secret import Secret
-from unlocker.store import BLOB_NAMES, PENDING, StoreSpec, blob_paths
+from unlocker.store import BLOB_NAMES, PENDING, StoreSpec, blob_paths, nv_attributes_ours
 from unlocker.token import BLOB_NAME_CHARS, NV_INDEX_MAX, NV_INDEX_MIN, STORES, TOKEN_TYPE, Token, parse_token
 from unlocker.tpm.client import Tpm
 
@@ -260,14 +260,8 @@ def _made_its_key(device: LuksDevice, marker: Marker, new_tokens: list[int]) -> 
 
 
 def _nv_is_ours(tpm: Tpm, index: int) -> bool:
-    from unlocker.tpm.nv import OUR_NV_ATTRIBUTES
-    from unlocker.tpm.tss import lib
-
     info = tpm.nv_info(index)
-    if info is None:
-        return False
-    attributes = info.attributes & ~(lib.TPMA_NV_WRITTEN | lib.TPMA_NV_WRITELOCKED)
-    return attributes in (OUR_NV_ATTRIBUTES, OUR_NV_ATTRIBUTES & ~lib.TPMA_NV_NO_DA)
+    return info is not None and nv_attributes_ours(info.attributes)
 
 
 def _place_exists(place: Place, tpm: Tpm | None) -> bool:
@@ -278,10 +272,17 @@ def _place_exists(place: Place, tpm: Tpm | None) -> bool:
     return False
 
 
-def _destroy(device: LuksDevice, place: Place, tpm: Tpm | None, ignoring: int | None = None) -> None:
+def _destroy(device: LuksDevice, place: Place, tpm: Tpm | None, secret: Callable[[], Secret | None],
+             ignoring: int | None = None) -> None:
     """Remove a sealed key an interrupted verb left, unless a token of ours points at it; an NV index
-    only if it has the attributes ours are made with."""
+    only if it has the attributes ours are made with. Only once this disk's passphrase was given (it
+    opens a keyslot): a marker is anyone's to write, and one on a USB stick may name another disk's
+    NV index or files, which a run on the stick alone must never remove."""
     if place.store == "token" or _place_in_use(device, place, ignoring):
+        return
+    if _place_exists(place, tpm) and secret() is None:
+        say(f"{device.path}: {place.describe()} stays until a run given this disk's passphrase removes it "
+            "(a header alone is anyone's to write)")
         return
     if place.store == "nv":
         if tpm is None:
@@ -335,7 +336,7 @@ def clean_up(device: LuksDevice, secret: Callable[[], Secret | None], tpm: Tpm |
                         (names(doc, marker.old_keyslot) or doc.get("keyslots") == []):
                     device.remove_token(marker.old_token)
             if marker.old is not None:
-                _destroy(device, marker.old, tpm)
+                _destroy(device, marker.old, tpm, secret)
             if marker.keyslot is not None:  # a new keyslot replaced the old one
                 _kill(device, marker.old_keyslot, secret, {tid}, did="replaced")
         else:
@@ -345,14 +346,15 @@ def clean_up(device: LuksDevice, secret: Callable[[], Secret | None], tpm: Tpm |
             for new in new_tokens:
                 device.remove_token(new)
             if made:
-                _destroy(device, marker.new, tpm)
+                _destroy(device, marker.new, tpm, secret)
             _kill(device, marker.keyslot, secret, {tid})
         device.remove_token(tid)
     for tid, doc in _tokens_without_keyslot(device):
         dealt += 1
         if doc.get("type") == TOKEN_TYPE:
             try:
-                _destroy(device, Place.of(parse_token({**doc, "keyslots": ["0"]}, tid)), tpm, ignoring=tid)
+                _destroy(device, Place.of(parse_token({**doc, "keyslots": ["0"]}, tid)), tpm, secret,
+                         ignoring=tid)
             except (CorruptError, UnlockerError) as exc:
                 say(f"{device.path}: could not remove the sealed key of token {tid} ({exc})")
         say(f"{device.path}: removing token {tid}, whose keyslot an interrupted run removed")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from unlocker import store
 from unlocker.branch import pending_chains
-from unlocker.commands import pending
+from unlocker.commands import claims, pending
 from unlocker.commands.enroll import KEY_SIZE, Undo, pin_auth, prove, seal_into_token
 from unlocker.commands.keyslots import why_keep
 from unlocker.commands.passphrase import existing_passphrase
@@ -176,6 +176,8 @@ def _beside(tpm: Tpm, old: Token) -> StoreSpec:
 
 
 def _reseal_one(tpm: Tpm, device: LuksDevice, old: Token, opts: ResealOptions) -> Token:
+    # its chains, PCRs, signing key and grace are carried over only as the sealed key's policy proves them
+    claims.prove(tpm, old)
     selection = opts.selection or old.selection
     chains = further_chains(tpm, old, selection, opts)  # before any change: a failed prediction changes nothing
     grace = live_grace(tpm, old) if opts.grace is None else None

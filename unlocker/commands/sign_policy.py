@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from unlocker.commands import claims
 from unlocker.commands.enroll import Undo
 from unlocker.commands.keys import PrivateKey
 from unlocker.errors import CorruptError, UnlockerError, UsageError
@@ -27,8 +28,6 @@ from unlocker.tpm.policy import BANKS, PcrSelection, PolicyPlan, approved_digest
 from unlocker.tpm.signing import key_name
 from unlocker.tpm.tcti import resolve_tcti
 
-# signatures by this tool only: a key that also signs other tools' policies cannot be replayed here
-POLICY_REF = b"tpm2-unlocker"
 # signatures kept per enrolment in the header (the oldest epochs go first)
 KEPT = 4
 
@@ -42,7 +41,8 @@ def new_signed(tpm: Tpm, public: bytes, selection: PcrSelection, undo: Undo) -> 
     epoch = tpm.free_nv_index(DEFAULT_COUNTER_INDEX)
     tpm.counter_define(epoch)
     undo.push(f"remove NV counter 0x{epoch:08x}", lambda: tpm.nv_undefine(epoch))
-    return Signed(public, name, POLICY_REF, selection, epoch, tpm.nv_name(epoch))
+    epoch_name = tpm.nv_name(epoch)
+    return Signed(public, name, claims.policy_ref(epoch_name), selection, epoch, epoch_name)
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,7 @@ def sign_one(tpm: Tpm, device: LuksDevice, token: Token, key: PrivateKey, opts: 
     assert signed is not None
     if key_name(key.public) != signed.key_name:
         raise UsageError(f"{opts.key} is not the signing key of token {token.token_id}")
+    claims.prove(tpm, token)  # the epoch counter signed over and advanced is the one the sealed policy binds
     selection, given = parse_pcr_values(opts.pcrs) if opts.pcrs else (signed.selection, {})
     if selection.bank != token.selection.bank:
         raise UsageError(f"--pcrs names the {selection.bank} bank, the enrolment binds {token.selection.bank}")
@@ -140,6 +141,7 @@ def approve_and_retire(tpm: Tpm, device: LuksDevice, token: Token, key: PrivateK
     still the counter's)."""
     signed = token.signed
     assert signed is not None
+    claims.prove(tpm, token)
     epoch = tpm.counter_read(signed.epoch) + 1
     unique: list[dict[int, bytes]] = []
     for values in chains:
