@@ -9,6 +9,10 @@ In one run, on the same kernel, root image contents and swtpm state, boot N time
   ours-policyor    ours-dracut's image; the key sealed to PolicyOR over two chains (another value of the
                    PCR, then the one it has: the boot reads the PCRs, asserts the second branch, then PolicyOR),
                    as after `reseal --predict` and a boot on the predicted chain
+  ours-signed      ours-dracut's image; an enrolment with a signing key whose sealed chain is another value
+                   of the PCR, and a signature in the header approving the one it has: the boot reads the
+                   PCRs, verifies the signature with the TPM and unseals through PolicyAuthorize (as after
+                   a kernel update the machine key or an admin approved)
   systemd-tpm2     dracut systemd image + tpm2-tss; a systemd-tpm2 token (systemd-cryptenroll)
   clevis           dracut systemd image + clevis + clevis-pin-tpm2; `clevis luks bind ... tpm2`
 
@@ -60,7 +64,10 @@ REPO = Path(__file__).resolve().parent.parent
 STOPWATCH = REPO / "bench" / "dracut" / "99tpm2u-stopwatch"
 PCRS = "sha256:16"
 LOCKED_PCRS = "sha256:15,16"  # what our enrolments bind: PCRS and the lock PCR
-VARIANTS = ("floor", "passphrase", "ours-dracut", "ours-mkinitcpio", "ours-policyor", "systemd-tpm2", "clevis")
+VARIANTS = ("floor", "passphrase", "ours-dracut", "ours-mkinitcpio", "ours-policyor", "ours-signed", "systemd-tpm2",
+            "clevis")
+# the variants that boot ours-dracut's image (only the token differs)
+SAME_IMAGE = ("ours-policyor", "ours-signed")
 # The floor's key file inside its image. Named without a UUID, systemd-cryptsetup-generator takes it for
 # every rd.luks.uuid= disk (`rd.luks.key=UUID-OF-DISK=PATH` would name one); the TPM stays attached, as
 # in every variant, so the machine is the same and only the unlocker differs.
@@ -126,18 +133,19 @@ def floor_key(work: Path) -> Path:
 
 
 def build_images(kernel: Kernel, binary: Path, work: Path, variants: list[str], source: Source) -> dict[str, Initramfs]:
-    extra = {"floor": "", "passphrase": "", "ours-dracut": "", "ours-policyor": "", "systemd-tpm2": "tpm2-tss",
+    extra = {"floor": "", "passphrase": "", "ours-dracut": "", "ours-policyor": "", "ours-signed": "",
+             "systemd-tpm2": "tpm2-tss",
              "clevis": "clevis clevis-pin-tpm2"}
     images: dict[str, Initramfs] = {}
     for v in variants:
         out = work / f"{v}.img"
-        if v == "ours-policyor" and "ours-dracut" in images:
+        if v in SAME_IMAGE and "ours-dracut" in images:
             images[v] = images["ours-dracut"]  # the same image: only the token differs
             continue
         if v == "ours-mkinitcpio":
             images[v] = build_mkinitcpio_busybox(kernel, binary, out, hooks=source.mkinitcpio)
         else:
-            images[v] = build_dracut(kernel, binary, out, with_ours=v in ("ours-dracut", "ours-policyor"),
+            images[v] = build_dracut(kernel, binary, out, with_ours=v in ("ours-dracut", *SAME_IMAGE),
                                      module=source.dracut_module,
                                      extra_modules=f"tpm2u-stopwatch {extra[v]}".strip(),
                                      extra_module_dirs=(STOPWATCH,),
@@ -158,6 +166,8 @@ def enroll(variant: str, disk: Path, tpm: Swtpm, binary: Path) -> None:
         run([binary, "enroll", disk, "--pcrs", PCRS, "--unlock-key-file", "-", "--tcti", tpm.tcti], input=PASSPHRASE)
     elif variant == "ours-policyor":
         enroll_two_chains(disk, tpm)
+    elif variant == "ours-signed":
+        enroll_signed(disk, tpm, disk.parent)
     elif variant == "systemd-tpm2":
         # systemd-cryptenroll (v252) reads the existing passphrase from $PASSWORD
         run(["systemd-cryptenroll", f"--tpm2-device=swtpm:host=127.0.0.1,port={tpm.port}",
@@ -195,6 +205,47 @@ def enroll_two_chains(disk: Path, tpm: Swtpm) -> None:
         sealed = t.seal(key, token.policy_hash)
         token.public, token.private = sealed.public, sealed.private
         device.import_token(token)
+        prove(t, device, token, key)
+
+
+def enroll_signed(disk: Path, tpm: Swtpm, work: Path) -> None:
+    """Our enrolment with a signing key (ECC P-256, made here): its sealed chain another value of PCRS,
+    and a signature approving the value the PCR has at every boot (epoch 0 of its counter), so the
+    boot takes the signed branch. The package's own functions, as the binary reads the same token."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from unlocker.commands.enroll import Undo, prove
+    from unlocker.commands.keys import PrivateKey
+    from unlocker.commands.sign_policy import approve, new_signed
+    from unlocker.luks import LuksDevice
+    from unlocker.secret import Secret
+    from unlocker.token import Token
+    from unlocker.tpm.client import Tpm
+    from unlocker.tpm.policy import PcrSelection
+
+    pem = work / "bench-signing.pem"
+    pem.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    signing = PrivateKey(str(pem))
+    selection = PcrSelection.parse(PCRS)
+    with Tpm(tpm.tcti) as t, Secret.random(32) as key, Undo("bench enrolment") as undo:
+        now = t.read_pcrs(selection)
+        other = {p: hashlib.sha256(v + b"\x01" * len(v)).digest() for p, v in now.items()}
+        device = LuksDevice(str(disk))
+        slot = device.free_keyslot()
+        device.add_key(PASSPHRASE, key, slot)
+        token = Token(keyslot=slot, store="token", selection=selection, pcr_values=other, policy_hash=b"",
+                      srk_name=t.srk_name(), srk_public=t.srk_public(), lock_pcr=15,
+                      signed=new_signed(t, signing.public, selection, undo))
+        token.compute_policy()
+        sealed = t.seal(key, token.policy_hash)
+        token.public, token.private = sealed.public, sealed.private
+        device.import_token(token)
+        assert token.signed is not None
+        approve(t, device, token, signing, selection, now, t.counter_read(token.signed.epoch))
         prove(t, device, token, key)
 
 

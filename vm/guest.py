@@ -47,7 +47,7 @@ PROMPTS = {"mkinitcpio": r"Enter passphrase for /dev/vda: ", "mkinitcpio-bare": 
 
 # the root init's own words (tpm2u.action=...): on the ESP of a guest booted through systemd-boot
 ROOT_WORDS = tuple(f"tpm2u.{w}=" for w in ("action", "store", "pcrs", "recovery", "pin", "measure", "predict", "hook",
-                                              "signing"))
+                                              "signing", "rw"))
 ACTION_FILE = "/tpm2u-action"
 
 

@@ -1,4 +1,6 @@
-"""A signed policy across a kernel update, through systemd-boot (a busybox image), three boots:
+"""Signed policies across a kernel update, through systemd-boot (a busybox image).
+
+An admin's key, three boots:
 
 1. enrol to sha256:0,2,4,7,9 with an admin's public key (--signing-key; the passphrase typed), then
    `predict` the PCRs of a boot with the update the host staged on the ESP (a new kernel and initrd);
@@ -8,6 +10,11 @@
    values predicted and approved;
 3. another kernel nobody approved: the reason names PCRs 4 and 9 (the events behind them) and that no
    signature approves them; the passphrase is asked.
+
+The machine's own key (the root on dm-crypt and writable, as installed: `enroll` makes it), two boots:
+1. enrol; then a kernel package's install runs Debian's postinst.d hook, whose `reseal --predict`
+   approves the current and the new chain with the machine key: no passphrase asked, none given;
+2. the new kernel and initrd boot with no prompt, at the PCR values predicted.
 """
 
 from __future__ import annotations
@@ -120,3 +127,59 @@ def test_a_kernel_nobody_approved_names_its_pcrs_and_asks_for_the_passphrase(app
            "(kernel" in result.log
     assert "and no signed policy approves the values of now" in result.log
     assert result.root_uptime is not None, "the passphrase still opens the disk"
+
+
+@dataclass
+class Unattended:
+    guest: Guest
+    install: BootResult  # enrolment, then the kernel package's install
+    files: dict[str, Path]
+    predicted: dict[int, bytes]
+
+
+@pytest.fixture(scope="module")
+def unattended(artifacts: Artifacts, tmp_path_factory: pytest.TempPathFactory) -> Unattended:
+    work = tmp_path_factory.mktemp("machine-key")
+    kernel, kind = artifacts.kernel, artifacts.kind(KIND)
+    root = build_root_image(work, artifacts.binary, PASSPHRASE, kernel.moddir)
+    esp = build_esp(work / "esp.img", kernel.version, kernel.vmlinuz, kind.initrd, "")
+    guest = Guest(kernel, kind, root, work / "tpm", work / "boots", esp=esp, options=DEBUG)
+    files = {"kernel": new_kernel(kernel.vmlinuz, work / f"vmlinuz-{kernel.version}"),
+             "initrd": new_initrd(kind.initrd, work / f"initrd.img-{kernel.version}", work)}
+    esp.stage(f"vmlinuz-{kernel.version}", files["kernel"])
+    esp.stage(f"initrd.img-{kernel.version}", files["initrd"])
+    # no root_prompts: a passphrase asked by the hook's re-seal would never be answered (the boot
+    # would time out waiting for the root's end)
+    install = guest.run_boot("enrol-and-install", answers=[PASSPHRASE], action_passphrase=PASSPHRASE,
+                             extra=f"tpm2u.rw=1 tpm2u.action=enroll tpm2u.pcrs={PCRS} tpm2u.hook=postinst "
+                                   "tpm2u.predict=1")
+    assert "TPM2U-ACTION-RC=0" in install.log, f"enrolment failed: {guest.work / 'enrol-and-install.console.log'}"
+    status, output = prediction(install.log)
+    assert status == 0, output
+    return Unattended(guest, install, files, predicted_values(output))
+
+
+def test_enroll_makes_the_machine_key_on_the_encrypted_root(unattended: Unattended) -> None:
+    assert "kernel and initramfs updates will be approved by the machine key at " \
+           "/var/lib/tpm2-unlocker/policy-key.pem" in unattended.install.log
+
+
+def test_the_kernel_packages_hook_approves_the_update_with_the_machine_key_and_no_passphrase(
+        unattended: Unattended) -> None:
+    log = unattended.install.log
+    assert "TPM2U-HOOK-END rc=0" in log
+    assert "/dev/vda: approved the current chain and the next boot's with the machine key, no re-seal" in log
+    assert "Passphrase for /dev/vda" not in log and "could not re-seal" not in log
+
+
+def test_the_updated_kernel_boots_with_no_prompt_at_the_predicted_pcrs(unattended: Unattended) -> None:
+    guest = unattended.guest
+    assert guest.esp is not None
+    guest.esp.install_kernel(unattended.files["kernel"])
+    guest.esp.install_initrd(unattended.files["initrd"])
+    result = guest.run_boot("updated", extra="tpm2u.measure=1")
+    assert not result.prompted, f"the machine key approved this chain: {guest.work / 'updated.console.log'}"
+    assert result.root_uptime is not None and "unlocked with the TPM" in result.log
+    assert "unsealed (signed branch)" in result.log
+    now = measurement(result.log).pcrs["sha256"]
+    assert {p: now[p] for p in BOUND} == {p: unattended.predicted[p] for p in BOUND}
