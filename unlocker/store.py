@@ -214,19 +214,21 @@ def da_protected(tpm: Tpm, token: Token) -> bool:
     return not sealed_no_da(sealed)
 
 
-def destroy(tpm: Tpm | None, token: Token) -> None:
+def destroy(tpm: Tpm | None, token: Token, adopted_ok: bool = False) -> None:
     """Remove the sealed key a token points at (an NV index, or its pair of blob files), only when
     it is the enrolment's: the header that names it is anyone's to write, and may name another
     tool's NV index, another disk's sealed key or any file ending in .pub. An NV index goes only
-    with our attributes (or adopted) and the token's policy; blob files only when they hold a sealed object with
-    the token's policy. Anything else stays, and is said."""
+    with our attributes (or, `adopted_ok`, an adopted index) and the token's policy, which the token's
+    description digests to; blob files only when they hold a sealed object with that policy. Anything
+    else stays, and is said (a token copied whole from another disk is not told apart: README)."""
     if token.store == "nv" and tpm is not None:
         info = tpm.nv_info(token.nv_index)
         if info is None:
             return
-        # an adopted index (tpm2-tools' attributes) goes too once ours replaced it: it holds the key
-        ours = nv_attributes_ours(info.attributes) or not token.keyslot_owned
-        if not ours or info.auth_policy != token.policy_hash:
+        # `adopted_ok` (a re-seal of an adopted index, its token proven first): tpm2-tools' attributes
+        # go too once ours replaced it, as it holds the key; never on the header's word alone
+        ours = nv_attributes_ours(info.attributes) or (adopted_ok and not token.keyslot_owned)
+        if not ours or info.auth_policy != token.policy_hash or not token.policy_described():
             say(f"NV index 0x{token.nv_index:08x} stays: it is not this enrolment's sealed key (other attributes "
                 "or policy); if it is yours, 'tpm2_nvundefine' it")
             return
@@ -238,7 +240,7 @@ def destroy(tpm: Tpm | None, token: Token) -> None:
                 policy: bytes | None = sealed_auth_policy(read_blob_pair(*pair))
             except (OSError, UnlockerError):
                 policy = None
-            if policy != token.policy_hash:
+            if policy != token.policy_hash or not token.policy_described():
                 say(f"{token.describe_store()} stay: they do not hold this enrolment's sealed key")
                 return
         for path in blob_paths(token.blob_dir, token.blob_name):

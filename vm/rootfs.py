@@ -141,7 +141,7 @@ def build_root_dir(root: Path, binary: Path, moddir: Path | None = None) -> None
     install_program(Path("/bin/busybox"), root, "/bin/busybox")
     # the applets the generators' hooks use too (update-hooks/, run by tpm2u.hook=)
     for applet in ("sh", "mount", "mountpoint", "sync", "poweroff", "cat", "echo", "grep", "sed", "tr", "uname",
-                   "setsid", "cttyhack"):
+                   "setsid", "cttyhack", "readlink"):
         (root / "bin" / applet).symlink_to("busybox")
     cryptsetup = shutil.which("cryptsetup")
     assert cryptsetup is not None

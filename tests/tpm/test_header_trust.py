@@ -160,7 +160,7 @@ def test_sign_policy_refuses_an_epoch_counter_the_header_names(disk: Path, key_f
               "--retire-older")
     done = run_cli(*retire, tpm=tpm)
     assert done.returncode == 5, done.stderr.decode()
-    assert "its epoch counter is not the one its policy binds" in done.stderr.decode()
+    assert "its epoch counter or signed PCRs are not the ones its policy binds" in done.stderr.decode()
     with Tpm(tpm.tcti) as t:
         assert t.counter_read(int(other, 16)) == other_count, "the other counter did not move"
     # on the real header the run retires kernel A's signature, even put back afterwards
@@ -262,3 +262,32 @@ def test_reseal_refuses_a_signing_key_the_attacker_wrote_into_the_header(disk: P
     boot(tpm, pcr4=EVIL_KERNEL)
     code, said = unlock(disk, tpm)
     assert code != 0, said
+
+
+def test_remove_of_one_disk_leaves_another_disks_nv_key_and_epoch(disk: Path, key_file: Path, tpm: Swtpm,
+                                                                  tmp_path: Path) -> None:
+    """Disk A's header edited to name disk B's NV index, B's policy digest and B's epoch counter (all
+    public): the admin's `remove A` takes A's token and keyslot, and leaves B's key and counter."""
+    from helpers import make_luks_image
+    from test_signed_policy import write_key
+
+    other = make_luks_image(tmp_path / "b.img")
+    enroll(other, key_file, tpm, "--store", "nv", "--signing-key", str(write_key(tmp_path)[1]))
+    ((_, b),) = our_tokens(other).items()
+    enroll(disk, key_file, tpm)
+    tid, a = the_token(disk)
+    for field in ("tpm2_public", "tpm2_private"):
+        a.pop(field)
+    a["store"], a["nv_index"], a["policy_hash"] = "nv", b["nv_index"], b["policy_hash"]
+    a["counter"] = b["signed"]["epoch"]
+    replace_token(disk, tid, a)
+    done = run_cli("remove", str(disk), "--unlock-key-file", str(key_file), tpm=tpm)
+    assert done.returncode == 0, done.stderr.decode()
+    said = done.stderr.decode()
+    assert f"NV index {b['nv_index']} stays: it is not this enrolment's sealed key" in said, said
+    assert f"NV counter {b['signed']['epoch']} stays: nothing binds it to this enrolment's sealed key" in said
+    listed = tpm.tools("tpm2_getcap", "handles-nv-index").stdout.decode()
+    assert all(hex(int(i, 16)) in listed for i in (b["nv_index"], b["signed"]["epoch"])), listed
+    assert our_tokens(disk) == {}
+    boot(tpm)
+    assert run_cli("unlock", str(other), "--test", "--tries", "0", tpm=tpm).returncode == 0

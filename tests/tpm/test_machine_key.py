@@ -75,6 +75,14 @@ def encrypted_sysfs(tmp_path: Path, on: Path) -> Path:
     return sysfs
 
 
+@pytest.fixture
+def encrypted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """STATE_DIR's filesystem seen on dm-crypt (a fake sysfs), as the machine key needs at each use."""
+    sysfs = encrypted_sysfs(tmp_path, tmp_path)
+    monkeypatch.setenv("TPM2_UNLOCKER_SYSFS", str(sysfs))
+    return sysfs
+
+
 def after(tpm: Swtpm, pcr: int, digest: str) -> dict[int, bytes]:
     """The values of SEL after a reset and one extension of `pcr` with `digest`, computed in Python."""
     with Tpm(tpm.tcti) as t:
@@ -148,7 +156,8 @@ def test_enroll_opts_out_with_none(disk: Path, key_file: Path, tpm: Swtpm, state
 
 
 def test_reseal_predict_approves_with_the_machine_key_with_no_passphrase(
-        disk: Path, key_file: Path, tpm: Swtpm, state: Path, tmp_path: Path, no_passphrase: None) -> None:
+        disk: Path, key_file: Path, tpm: Swtpm, state: Path, tmp_path: Path, no_passphrase: None,
+        encrypted: Path) -> None:
     public = place_machine_key(state)
     enroll(disk, key_file, tpm, "--pcrs", str(SEL), "--signing-key", str(public))
     (before,) = our_tokens(disk).values()
@@ -180,7 +189,7 @@ def test_reseal_predict_approves_with_the_machine_key_with_no_passphrase(
 
 def test_a_failure_before_the_epoch_moves_leaves_the_old_approvals(
         disk: Path, key_file: Path, tpm: Swtpm, state: Path, monkeypatch: pytest.MonkeyPatch,
-        no_passphrase: None) -> None:
+        no_passphrase: None, encrypted: Path) -> None:
     public = place_machine_key(state)
     enroll(disk, key_file, tpm, "--pcrs", str(SEL), "--signing-key", str(public))
     kernel_b = after(tpm, 4, KERNEL_B)[4].hex()
@@ -206,7 +215,7 @@ def test_a_failure_before_the_epoch_moves_leaves_the_old_approvals(
 
 @pytest.mark.skipif(not SYSTEMD_BOOT.exists(), reason="systemd-boot-efi is not installed")
 def test_the_hooks_command_approves_with_stdin_closed(disk: Path, key_file: Path, tpm: Swtpm, state: Path,
-                                                       tmp_path: Path) -> None:
+                                                       tmp_path: Path, encrypted: Path) -> None:
     """`reseal DEVICE --predict` as update-hooks/reseal-predict runs it (stdin /dev/null, no key
     file), on a swtpm holding a real boot's event log, after the lock."""
     from test_predict_replayed import replay_into
@@ -260,3 +269,15 @@ def test_a_machine_key_not_the_enrolments_changes_nothing(disk: Path, key_file: 
     assert our_tokens(disk) == before and signatures(disk) == {}
     said = run_cli("status", str(disk), tpm=tpm).stdout.decode()
     assert "signed policies by a key not on this machine (sign-policy --key)" in said
+
+
+def test_a_machine_key_no_longer_on_encrypted_storage_approves_nothing(
+        disk: Path, key_file: Path, tpm: Swtpm, state: Path, no_passphrase: None) -> None:
+    """Checked at each use: a key moved or copied to plain storage is anyone's who holds that disk."""
+    public = place_machine_key(state)
+    enroll(disk, key_file, tpm, "--pcrs", str(SEL), "--signing-key", str(public))
+    before = signatures(disk)
+    tpm.extend(15, digest="15" * 32)
+    with pytest.raises(UsageError, match="is no longer on encrypted storage: nothing approved"):
+        reseal(ResealOptions(str(disk), None, None, tpm.tcti, predicted=(after(tpm, 4, KERNEL_A),)))
+    assert signatures(disk) == before

@@ -79,6 +79,16 @@ def test_lvm_on_dm_crypt_is(sysfs: FakeSysfs, target: Path) -> None:
     assert on_encrypted_storage(target, str(sysfs.root)) is True
 
 
+@pytest.mark.parametrize("dm_uuid", ["CRYPT-INTEGRITY-sda2", "CRYPT-VERITY-0123abcd-root", "CRYPT-SUBDEV-x"])
+def test_cryptsetup_mappings_that_do_not_encrypt_are_not(dm_uuid: str, sysfs: FakeSysfs, target: Path) -> None:
+    """dm-integrity alone, dm-verity: cryptsetup names them CRYPT- too, and they encrypt nothing."""
+    sda2 = sysfs.device("pci0/block/sda/sda2", partition=True)
+    mapped = sysfs.device("virtual/block/dm-0", dm_uuid=dm_uuid)
+    sysfs.slave(mapped, sda2)
+    sysfs.mount_on(target, mapped)
+    assert on_encrypted_storage(target, str(sysfs.root)) is False
+
+
 def test_lvm_on_a_plain_partition_is_not(sysfs: FakeSysfs, target: Path) -> None:
     sda2 = sysfs.device("pci0/block/sda/sda2", partition=True)
     root = sysfs.device("virtual/block/dm-1", dm_uuid="LVM-abcdefABCDEF")

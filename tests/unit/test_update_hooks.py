@@ -95,6 +95,25 @@ def test_reseal_predict_reseals_every_enrolled_disk_open_here_and_no_other(machi
                           "kernel 6.1 (a disk plugged in is not trusted)\n"
 
 
+def test_a_disk_named_through_a_link_is_found_under_its_mapping(machine: Machine) -> None:
+    """blkid may name a device by a link (/dev/mapper/vg-lv for LUKS on LVM) that slaves/ calls by the
+    kernel's name (dm-3): the hook compares the kernel's names."""
+    loop = subprocess.run(["losetup", "--find", "--show", "--read-only", str(machine.enrolled)], capture_output=True,
+                          text=True)
+    if loop.returncode != 0:
+        pytest.skip(f"no loop device here ({loop.stderr.strip()})")
+    device = loop.stdout.strip()
+    try:
+        (machine.sys / "block" / "dm-0" / "slaves" / Path(device).name).mkdir(parents=True)
+        link = machine.tmp / "vg-root"
+        link.symlink_to(device)
+        machine.devices.write_text(f"{link}\n")
+        done = machine.run([RESEAL_PREDICT, "kernel 6.1", "--kernel", "/boot/k"])
+        assert done.returncode == 0 and machine.calls() == [f"reseal {link} --predict --kernel /boot/k"], done.stderr
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)
+
+
 def test_a_disk_with_the_uuid_of_an_open_one_but_not_under_it_is_not_resealed(machine: Machine) -> None:
     """A block device (a stick carrying a copy of the open disk's header, UUID and all) that is not the
     device under the mapping: not re-sealed."""

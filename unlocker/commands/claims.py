@@ -18,17 +18,20 @@ from unlocker import store
 from unlocker.errors import CorruptError, UnlockerError
 from unlocker.token import Token
 from unlocker.tpm.client import Tpm
+from unlocker.tpm.policy import PcrSelection
 from unlocker.tpm.signing import key_name
 
 # signatures by this tool only (a key that also signs other tools' policies cannot be replayed here),
-# over this enrolment's epoch counter only: the reference PolicyAuthorize binds is
-# H(REF_PREFIX || the counter's NV name), so the sealed policy names the counter that retires
+# over this enrolment's epoch counter and PCR selection only: the reference PolicyAuthorize binds is
+# H(REF_PREFIX || the counter's NV name || TPML_PCR_SELECTION), so the sealed policy names the counter
+# that retires and the PCRs a signature must cover. PolicyAuthorize opens to any policy the key signs:
+# which PCRs the signers (sign-policy, the machine key in hooks) approve must not come from the header.
 REF_PREFIX = b"tpm2-unlocker"
 HINT = "the header was edited, or the sealed key is gone: 'tpm2-unlocker remove' it and enrol again"
 
 
-def policy_ref(epoch_name: bytes) -> bytes:
-    return hashlib.sha256(REF_PREFIX + epoch_name).digest()
+def policy_ref(epoch_name: bytes, selection: PcrSelection) -> bytes:
+    return hashlib.sha256(REF_PREFIX + epoch_name + selection.marshal()).digest()
 
 
 def prove(tpm: Tpm, token: Token) -> None:
@@ -49,5 +52,8 @@ def prove(tpm: Tpm, token: Token) -> None:
         epoch_name = tpm.nv_name(signed.epoch)
     except UnlockerError:
         epoch_name = b""
-    if signed.policy_ref != policy_ref(signed.epoch_name) or epoch_name != signed.epoch_name:
-        raise CorruptError(f"{where}: its epoch counter is not the one its policy binds", hint=HINT)
+    if signed.policy_ref != policy_ref(signed.epoch_name, signed.selection) or epoch_name != signed.epoch_name:
+        raise CorruptError(f"{where}: its epoch counter or signed PCRs are not the ones its policy binds", hint=HINT)
+    if signed.selection != token.selection:
+        raise CorruptError(f"{where}: its signing key approves {signed.selection}, the enrolment binds "
+                           f"{token.selection}", hint=HINT)

@@ -28,8 +28,9 @@ STATE_DIR_ENV = "TPM2_UNLOCKER_STATE_DIR"
 SYSFS_ENV = "TPM2_UNLOCKER_SYSFS"
 DEFAULT_STATE_DIR = "/var/lib/tpm2-unlocker"
 KEY_FILE = "policy-key.pem"
-# dm's uuid prefix for dm-crypt mappings (cryptsetup: CRYPT-LUKS2-..., CRYPT-PLAIN-...)
-CRYPT_UUID_PREFIX = "CRYPT-"
+# dm's uuid prefixes of the mappings cryptsetup makes that encrypt (CRYPT-LUKS2-<uuid>-<name>, ...);
+# not CRYPT-INTEGRITY- (dm-integrity alone), CRYPT-VERITY- or CRYPT-SUBDEV-, which do not
+CRYPT_UUID_PREFIXES = ("CRYPT-LUKS1-", "CRYPT-LUKS2-", "CRYPT-PLAIN-", "CRYPT-TCRYPT-", "CRYPT-BITLK-")
 # device stacks deeper than this are not real (and a loop in a fake or broken sysfs must end)
 MAX_DEPTH = 16
 
@@ -81,7 +82,7 @@ def _crypt_below(device: Path, depth: int, seen: set[Path]) -> bool:
         uuid = (device / "dm" / "uuid").read_text().strip()
     except OSError:
         uuid = ""
-    if uuid.startswith(CRYPT_UUID_PREFIX):
+    if uuid.startswith(CRYPT_UUID_PREFIXES):
         return True
     below: list[Path] = []
     if (device / "partition").exists():  # a partition: what holds it is its whole disk

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from unlocker import store
-from unlocker.commands import pending
+from unlocker.commands import claims, pending
 from unlocker.commands.keyslots import why_keep
 from unlocker.commands.passphrase import existing_passphrase
 from unlocker.commands.recovery import recovery_slots
@@ -69,10 +69,10 @@ def remove(opts: RemoveOptions) -> int:
                     say(f"token {tid} is corrupt ({token}); removing the token only")
                 else:
                     try:
+                        counters = _bound_counters(tpm, token)  # before the sealed key goes: it proves them
                         store.destroy(tpm, token)
-                        counters = [token.counter, token.signed.epoch if token.signed else 0]
-                        for counter in counters:  # prepare-update's, the signatures' epoch: ours by their attributes
-                            if counter and tpm is not None and tpm.is_our_counter(counter):
+                        for counter in counters:
+                            if tpm is not None and tpm.is_our_counter(counter):
                                 tpm.nv_undefine(counter)
                     except UnlockerError as exc:
                         say(f"could not remove the sealed key ({exc})")
@@ -113,3 +113,25 @@ def _kill(device: LuksDevice, slot: int, passphrase: Secret, going: set[int]) ->
         say(f"keyslot {slot} stays: {why}")
     else:
         device.kill_slot(slot, passphrase)
+
+
+def _bound_counters(tpm: Tpm | None, token: Token) -> list[int]:
+    """The NV counters this enrolment's sealed policy names (the grace's; the signatures' epoch, which
+    the policy reference binds): the only ones `remove` takes. A counter the header names that nothing
+    binds (prepare-update's, once its grace was spent) stays, said: the header is anyone's to write and
+    could name another disk's."""
+    named = [c for c in (token.counter, token.signed.epoch if token.signed else 0) if c]
+    if tpm is None or not named:
+        return []
+    try:
+        claims.prove(tpm, token)
+        bound = [token.signed.epoch] if token.signed is not None else []
+        if token.grace is not None and token.counter and tpm.nv_name(token.counter) == token.grace.counter_name:
+            bound.append(token.counter)
+    except UnlockerError:
+        bound = []
+    for counter in named:
+        if counter not in bound:
+            say(f"NV counter 0x{counter:08x} stays: nothing binds it to this enrolment's sealed key "
+                f"('tpm2_nvundefine 0x{counter:08x}' once no other disk's enrolment names it)")
+    return bound

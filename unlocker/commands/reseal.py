@@ -225,7 +225,7 @@ def _reseal_one(tpm: Tpm, device: LuksDevice, old: Token, opts: ResealOptions) -
     # goes, token first.
     pending.commit(device, marker)
     device.remove_token(old.token_id if old.token_id is not None else -1)
-    store.destroy(tpm, old)
+    store.destroy(tpm, old, adopted_ok=True)  # proven at the start (claims.prove)
     if new_slot and passphrase is not None:
         with passphrase:
             kept = why_keep(device, old.keyslot, passphrase)
@@ -314,6 +314,12 @@ def _approve_with_machine_key(tpm: Tpm, device: LuksDevice, old: Token, opts: Re
         say(f"the machine key {machine_key.key_path()} is not the signing key of token {old.token_id}: "
             "re-sealing instead")
         return None
+    if not machine_key.state_dir_encrypted():
+        # checked at each use, not only when it was made: moved or copied to plain storage since, it is
+        # anyone's who holds that disk, and what it signs is not to be trusted
+        raise UsageError(f"the machine key {machine_key.key_path()} is no longer on encrypted storage: nothing "
+                         "approved (remove it; enrol again for a new one)")
+    claims.prove(tpm, old)  # the PCRs it approves are the ones the sealed policy's reference binds
 
     selection = signed.selection
     chains = [tpm.read_pcrs(selection)]  # the chain booted now: its next boot too

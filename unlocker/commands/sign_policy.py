@@ -42,7 +42,7 @@ def new_signed(tpm: Tpm, public: bytes, selection: PcrSelection, undo: Undo) -> 
     tpm.counter_define(epoch)
     undo.push(f"remove NV counter 0x{epoch:08x}", lambda: tpm.nv_undefine(epoch))
     epoch_name = tpm.nv_name(epoch)
-    return Signed(public, name, claims.policy_ref(epoch_name), selection, epoch, epoch_name)
+    return Signed(public, name, claims.policy_ref(epoch_name, selection), selection, epoch, epoch_name)
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,10 @@ def sign_one(tpm: Tpm, device: LuksDevice, token: Token, key: PrivateKey, opts: 
     selection, given = parse_pcr_values(opts.pcrs) if opts.pcrs else (signed.selection, {})
     if selection.bank != token.selection.bank:
         raise UsageError(f"--pcrs names the {selection.bank} bank, the enrolment binds {token.selection.bank}")
+    if selection.pcrs != signed.selection.pcrs and (token.lock_pcr is None or token.lock_pcr not in selection.pcrs):
+        # the policy reference binds the enrolment's PCRs: a signature over others would be one over less
+        raise UsageError(f"--pcrs must list the PCRs the enrolment binds, {signed.selection} (values as N=HEX "
+                         "where they are not the current or predicted ones)")
     if token.lock_pcr is not None and token.lock_pcr in selection.pcrs:
         raise UsageError(f"PCR {token.lock_pcr} is the lock PCR: the enrolment binds it itself")
     if opts.predict is not None:
@@ -119,6 +123,8 @@ def approve(tpm: Tpm, device: LuksDevice, token: Token, key: PrivateKey, selecti
     TPM (a trial session; VerifySignature, the boot's own check), and write it into the header."""
     signed = token.signed
     assert signed is not None
+    if selection != signed.selection:  # what the policy reference binds (commands/claims.py)
+        raise UsageError(f"the signing key approves values of {signed.selection}, not of {selection}")
     plan = PolicyPlan(selection, values, (token.epoch_check(epoch),))
     approved = approved_digest(plan)
     if tpm.trial_plan(plan) != approved:
