@@ -71,8 +71,9 @@ def test_values_the_key_approves_unseal_with_no_reseal_and_others_do_not(disk: P
     done = enroll(disk, key_file, tpm, "--pcrs", SEL, "--signing-key", str(public))
     assert b"or values its signing key approves (sign-policy)" in done.stderr
     (doc,) = our_tokens(disk).values()
-    # the reference binds the epoch counter: H("tpm2-unlocker" || its NV name)
-    ref = hashlib.sha256(b"tpm2-unlocker" + bytes.fromhex(doc["signed"]["epoch_name"])).hexdigest()
+    # the reference binds the epoch counter and the PCRs: H("tpm2-unlocker" || its NV name || TPML_PCR_SELECTION)
+    ref = hashlib.sha256(b"tpm2-unlocker" + bytes.fromhex(doc["signed"]["epoch_name"])
+                         + PcrSelection.parse(SEL).marshal()).hexdigest()
     assert doc["signed"]["policy_ref"] == ref and len(doc["branch_policies"]) == 2
     before = json.dumps(doc, sort_keys=True)
     said = sign(disk, tpm, private, "--pcrs", f"sha256:0,4={kernel_value(tpm, KERNEL_A)},7")
@@ -196,12 +197,28 @@ def test_reseal_and_prepare_update_keep_the_signing_key_and_remove_takes_the_epo
     assert tpm.tools("tpm2_nvreadpublic", epoch, check=False).returncode != 0
 
 
+def test_reseal_to_other_pcrs_binds_the_signing_key_to_them(disk: Path, key_file: Path, tpm: Swtpm,
+                                                             tmp_path: Path) -> None:
+    """A new --pcrs: the signed branch's reference binds the new selection; signatures for it unlock."""
+    private, public = write_key(tmp_path)
+    enroll(disk, key_file, tpm, "--pcrs", SEL, "--signing-key", str(public))
+    done = run_cli("reseal", str(disk), "--pcrs", "sha256:0,4,7,9", tpm=tpm)
+    assert done.returncode == 0, done.stderr.decode()
+    (doc,) = our_tokens(disk).values()
+    assert doc["signed"]["pcrs"] == [0, 4, 7, 9]
+    sign(disk, tpm, private, "--pcrs", f"sha256:0,4={kernel_value(tpm, KERNEL_A)},7,9")
+    boot(tpm, KERNEL_A)
+    assert unlock(disk, tpm)[0] == 0
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--pcrs", "sha256:0,4=zz,7"], b"'4=zz' in --pcrs is not N=HEX"),
     (["--pcrs", "sha256:0,4=abcd,7"], b"the value given for PCR 4 has 2 bytes, sha256 has 32"),
     (["--pcrs", "sha1:0,4,7"], b"--pcrs names the sha1 bank, the enrolment binds sha256"),
     (["--pcrs", "sha256:0,15"], b"PCR 15 is the lock PCR: the enrolment binds it itself"),
     (["--kernel", "/x"], b"--kernel, --bootloader, --initrd and --cmdline go with --predict"),
+    # the policy reference binds the enrolment's PCRs: a signature over fewer would approve more
+    (["--pcrs", "sha256:0,4"], b"--pcrs must list the PCRs the enrolment binds, sha256:0,4,7"),
 ])
 def test_sign_policy_refuses_bad_requests_in_one_line(args: list[str], message: bytes, disk: Path, key_file: Path,
                                                       tpm: Swtpm, tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from unlocker.options import DEFAULT_LOCK_PCR
 from unlocker.secret import Secret
 from unlocker.signature import Signature
 from unlocker.store import StoreSpec
-from unlocker.token import Grace, PcrBranch, Token
+from unlocker.token import Grace, PcrBranch, Signed, Token
 from unlocker.tpm.client import Tpm
 from unlocker.tpm.nv import DEFAULT_COUNTER_INDEX
 from unlocker.tpm.policy import MAX_BRANCHES, PcrSelection
@@ -167,6 +167,16 @@ def new_grace(tpm: Tpm, old: Token, selection: PcrSelection, request: GraceReque
     return counter, grace
 
 
+def _signed_for(old: Token, selection: PcrSelection) -> Signed | None:
+    """The old enrolment's signing key (proven), for `selection`: a new --pcrs gives the signed branch a
+    reference that binds the new PCRs (signatures for the old ones no longer apply)."""
+    signed = old.signed
+    if signed is None or signed.selection == selection:
+        return signed
+    return Signed(signed.key_public, signed.key_name, claims.policy_ref(signed.epoch_name, selection), selection,
+                  signed.epoch, signed.epoch_name)
+
+
 def _beside(tpm: Tpm, old: Token) -> StoreSpec:
     """Where the new key goes: beside the old one, the NV index chosen now (the marker names it)."""
     spec = StoreSpec.beside(old)
@@ -219,7 +229,8 @@ def _reseal_one(tpm: Tpm, device: LuksDevice, old: Token, opts: ResealOptions) -
             lock = _lock_pcr(opts, old, selection)
             token = seal_into_token(tpm, device, key, slot, selection, spec, undo, lock_pcr=lock,
                                     keyslot_owned=old.keyslot_owned, auth=auth.value,
-                                    more_branches=chains, counter=counter, grace=grace, signed=old.signed)
+                                    more_branches=chains, counter=counter, grace=grace,
+                                    signed=_signed_for(old, selection))
             prove(tpm, device, token, key, auth.value)
     # The new enrolment works: from here on an interrupted run is finished, not undone. The old one
     # goes, token first.
