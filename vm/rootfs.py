@@ -104,6 +104,15 @@ if [ "$hook" = postinst ]; then
     /etc/kernel/postinst.d/zz-tpm2-unlocker "$kver" "/efi/staged/vmlinuz-$kver"
   echo "TPM2U-HOOK-END rc=$?"
 fi
+if [ "$hook" = post-update ]; then
+  # an initramfs rebuilt by update-initramfs, which runs /etc/initramfs/post-update.d with the version
+  # and the new image (staged by the host as initrd.img-V)
+  kver=$(busybox uname -r)
+  echo "TPM2U-HOOK-BEGIN"
+  TPM2_UNLOCKER_BOOTDIR=/efi/staged busybox setsid busybox cttyhack \
+    /etc/initramfs/post-update.d/tpm2-unlocker "$kver" "/efi/staged/initrd.img-$kver"
+  echo "TPM2U-HOOK-END rc=$?"
+fi
 if [ -n "$predict" ]; then
   # the PCRs of a boot with what the host staged on the ESP (the update's new files and command line)
   kver=$(busybox uname -r)
@@ -152,7 +161,8 @@ def build_root_dir(root: Path, binary: Path, moddir: Path | None = None) -> None
     install_program(Path(blkid), root, "/usr/sbin/blkid")
     source = chosen()  # the checkout's or the installed package's (vm/source.py)
     for hook, dest in ((source.reseal_predict, "usr/lib/tpm2-unlocker/reseal-predict"),
-                       (source.kernel_postinst, "etc/kernel/postinst.d/zz-tpm2-unlocker")):
+                       (source.kernel_postinst, "etc/kernel/postinst.d/zz-tpm2-unlocker"),
+                       (source.initramfs_post_update, "etc/initramfs/post-update.d/tpm2-unlocker")):
         (root / dest).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(hook, root / dest)
     install_program(binary, root, "/usr/bin/tpm2-unlocker")

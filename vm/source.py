@@ -32,6 +32,7 @@ class Source:
     # the update hooks a guest's root runs as an installed system would (tpm2u.hook=, vm/rootfs.py)
     reseal_predict: Path
     kernel_postinst: Path
+    initramfs_post_update: Path
 
     @property
     def installed(self) -> bool:
@@ -40,7 +41,7 @@ class Source:
     def files(self) -> list[Path]:
         return [*([self.binary] if self.binary else []), self.dracut_module / "module-setup.sh",
                 self.mkinitcpio / "install" / "tpm2-unlocker", self.mkinitcpio / "hooks" / "tpm2-unlocker",
-                self.reseal_predict, self.kernel_postinst]
+                self.reseal_predict, self.kernel_postinst, self.initramfs_post_update]
 
     def describe(self) -> str:
         if not self.installed:
@@ -52,10 +53,11 @@ class Source:
 
 
 CHECKOUT = Source("checkout", REPO / "dracut" / "90tpm2-unlocker", REPO / "mkinitcpio", None,
-                  REPO / "update-hooks" / "reseal-predict", REPO / "update-hooks" / "postinst.d" / "zz-tpm2-unlocker")
+                  REPO / "update-hooks" / "reseal-predict", REPO / "update-hooks" / "postinst.d" / "zz-tpm2-unlocker",
+                  REPO / "update-hooks" / "post-update.d" / "tpm2-unlocker")
 INSTALLED = Source("installed", DRACUT_MODULES / "90tpm2-unlocker", Path("/usr/lib/initcpio"),
                    Path("/usr/bin/tpm2-unlocker"), Path("/usr/lib/tpm2-unlocker/reseal-predict"),
-                   Path("/etc/kernel/postinst.d/zz-tpm2-unlocker"))
+                   Path("/etc/kernel/postinst.d/zz-tpm2-unlocker"), Path("/etc/initramfs/post-update.d/tpm2-unlocker"))
 
 
 def chosen() -> Source:

@@ -30,7 +30,8 @@ def test_a_value_not_checkout_or_installed_is_refused(monkeypatch: pytest.Monkey
 def test_installed_is_refused_with_the_missing_files_when_not_installed(monkeypatch: pytest.MonkeyPatch,
                                                                         tmp_path: Path) -> None:
     absent = Source("installed", tmp_path / "modules.d" / "90tpm2-unlocker", tmp_path / "initcpio", tmp_path / "bin",
-                    tmp_path / "lib" / "reseal-predict", tmp_path / "postinst.d" / "zz-tpm2-unlocker")
+                    tmp_path / "lib" / "reseal-predict", tmp_path / "postinst.d" / "zz-tpm2-unlocker",
+                    tmp_path / "post-update.d" / "tpm2-unlocker")
     monkeypatch.setattr(source, "INSTALLED", absent)
     monkeypatch.setenv(FROM_ENV, "installed")
     with pytest.raises(HarnessError, match=r"is not installed \(./run deb, then dpkg -i"):

@@ -11,10 +11,12 @@ An admin's key, three boots:
 3. another kernel nobody approved: the reason names PCRs 4 and 9 (the events behind them) and that no
    signature approves them; the passphrase is asked.
 
-The machine's own key (the root on dm-crypt and writable, as installed: `enroll` makes it), two boots:
+The machine's own key (the root on dm-crypt and writable, as installed: `enroll` makes it), three boots:
 1. enrol; then a kernel package's install runs Debian's postinst.d hook, whose `reseal --predict`
    approves the current and the new chain with the machine key: no passphrase asked, none given;
-2. the new kernel and initrd boot with no prompt, at the PCR values predicted.
+2. the new kernel and initrd boot with no prompt, at the PCR values predicted; then the initramfs is
+   rebuilt (update-initramfs's post-update.d hook approves it, no passphrase);
+3. the rebuilt initramfs (PCR 9) boots with no prompt, at the PCR values predicted.
 """
 
 from __future__ import annotations
@@ -172,14 +174,53 @@ def test_the_kernel_packages_hook_approves_the_update_with_the_machine_key_and_n
     assert "Passphrase for /dev/vda" not in log and "could not re-seal" not in log
 
 
-def test_the_updated_kernel_boots_with_no_prompt_at_the_predicted_pcrs(unattended: Unattended) -> None:
+@dataclass
+class Rebuilt:
+    updated: BootResult  # boot 2: the new kernel; then an initramfs rebuild's post-update hook
+    initrd: Path
+    predicted: dict[int, bytes]
+
+
+@pytest.fixture(scope="module")
+def rebuilt(unattended: Unattended) -> Rebuilt:
+    """Boot 2: the kernel package's files in the entry's place; in the booted root the initramfs is
+    rebuilt (update-initramfs: its post-update.d hook, only the initrd new, PCR 9)."""
     guest = unattended.guest
     assert guest.esp is not None
     guest.esp.install_kernel(unattended.files["kernel"])
     guest.esp.install_initrd(unattended.files["initrd"])
-    result = guest.run_boot("updated", extra="tpm2u.measure=1")
-    assert not result.prompted, f"the machine key approved this chain: {guest.work / 'updated.console.log'}"
+    version = guest.kernel.version
+    initrd = new_initrd(unattended.files["initrd"], guest.work.parent / "initrd.rebuilt", guest.work.parent)
+    guest.esp.stage(f"initrd.img-{version}", initrd)
+    updated = guest.run_boot("updated", extra="tpm2u.measure=1 tpm2u.hook=post-update tpm2u.predict=1")
+    status, output = prediction(updated.log)
+    assert status == 0, output
+    return Rebuilt(updated, initrd, predicted_values(output))
+
+
+def test_the_updated_kernel_boots_with_no_prompt_at_the_predicted_pcrs(unattended: Unattended,
+                                                                       rebuilt: Rebuilt) -> None:
+    result = rebuilt.updated
+    assert not result.prompted, f"the machine key approved this chain: {unattended.guest.work / 'updated.console.log'}"
     assert result.root_uptime is not None and "unlocked with the TPM" in result.log
     assert "unsealed (signed branch)" in result.log
     now = measurement(result.log).pcrs["sha256"]
     assert {p: now[p] for p in BOUND} == {p: unattended.predicted[p] for p in BOUND}
+
+
+def test_an_initramfs_rebuild_is_approved_by_its_post_update_hook_and_boots_with_no_prompt(
+        unattended: Unattended, rebuilt: Rebuilt) -> None:
+    """Boot 3: the rebuilt initramfs (PCR 9 bound) in the entry's place."""
+    log = rebuilt.updated.log
+    assert "TPM2U-HOOK-END rc=0" in log
+    assert "/dev/vda: approved the current chain and the next boot's with the machine key, no re-seal" in log
+    guest = unattended.guest
+    assert guest.esp is not None
+    guest.esp.install_initrd(rebuilt.initrd)
+    result = guest.run_boot("rebuilt", extra="tpm2u.measure=1")
+    assert not result.prompted, f"the hook approved the rebuilt initramfs: {guest.work / 'rebuilt.console.log'}"
+    assert result.root_uptime is not None and "unlocked with the TPM" in result.log
+    now = measurement(result.log).pcrs["sha256"]
+    before = measurement(rebuilt.updated.log).pcrs["sha256"]
+    assert now[9] != before[9], "the rebuild changed PCR 9"
+    assert {p: now[p] for p in BOUND} == {p: rebuilt.predicted[p] for p in BOUND}
