@@ -156,7 +156,9 @@ def verb_status(opts: argparse.Namespace) -> int:
 
         print(json.dumps(result.to_json(), indent=2))
     else:
-        print(render(result))
+        from unlocker.log import printable_lines
+
+        print(printable_lines(render(result)))  # it quotes header text: no escape reaches the terminal
     return EXIT_OK
 
 

@@ -26,6 +26,11 @@ def printable(text: str) -> str:
     return text.translate(_PRINTABLE)
 
 
+def printable_lines(text: str) -> str:
+    """printable() for each line of a report (status): its line breaks stay."""
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
 def say(message: str) -> None:
     print(PREFIX + printable(message), file=sys.stderr, flush=True)
 

@@ -291,3 +291,32 @@ def test_remove_of_one_disk_leaves_another_disks_nv_key_and_epoch(disk: Path, ke
     assert our_tokens(disk) == {}
     boot(tpm)
     assert run_cli("unlock", str(other), "--test", "--tries", "0", tpm=tpm).returncode == 0
+
+
+def test_a_junk_signing_key_in_the_header_gives_one_line_and_remove_still_works(disk: Path, key_file: Path,
+                                                                                tpm: Swtpm, tmp_path: Path) -> None:
+    """`signed.key` is in no digest: three zero bytes in its place are refused in one line (no
+    traceback), and `remove`, which the hint names, still takes the enrolment out."""
+    from test_signed_policy import write_key
+
+    enroll(disk, key_file, tpm, "--signing-key", str(write_key(tmp_path)[1]))
+    tid, doc = the_token(disk)
+    doc["signed"]["key"] = binascii.b2a_base64(bytes(3), newline=False).decode()
+    replace_token(disk, tid, doc)
+    done = run_cli("reseal", str(disk), "--unlock-key-file", str(key_file), tpm=tpm)
+    assert done.returncode == 5, done.stderr.decode()
+    assert "its signing key is not the one its policy names" in done.stderr.decode()
+    assert b"Traceback" not in done.stderr and b"internal error" not in done.stderr
+    done = run_cli("remove", str(disk), "--unlock-key-file", str(key_file), tpm=tpm)
+    assert done.returncode == 0, done.stderr.decode()
+    assert our_tokens(disk) == {}
+
+
+def test_status_shows_no_terminal_escapes_from_the_header(disk: Path, tpm: Swtpm) -> None:
+    token = {"type": "tpm2-unlocker", "keyslots": ["0"], "version": 1, "store": "\x1b]52;c;b3duZWQ=\x07",
+             "pcr_bank": "sha256"}
+    replace_token(disk, "3", token)
+    done = run_cli("status", str(disk), tpm=tpm)
+    out = done.stdout.decode() + done.stderr.decode()
+    assert "\x1b" not in out and "\x07" not in out, out
+    assert "?]52;c;b3duZWQ=?" in out, out

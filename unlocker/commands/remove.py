@@ -128,7 +128,7 @@ def _bound_counters(tpm: Tpm | None, token: Token) -> list[int]:
         bound = [token.signed.epoch] if token.signed is not None else []
         if token.grace is not None and token.counter and tpm.nv_name(token.counter) == token.grace.counter_name:
             bound.append(token.counter)
-    except UnlockerError:
+    except (UnlockerError, ValueError):  # a hostile token: nothing is proven bound
         bound = []
     for counter in named:
         if counter not in bound:

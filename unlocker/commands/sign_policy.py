@@ -183,7 +183,7 @@ def _tidy(device: LuksDevice, newest: Signature, keep: list[Signature] | None = 
     `keep`: signatures just made beside `newest`, which stay."""
     kept = {s.token_id for s in [newest, *(keep or [])]}
     mine = [s for s in signatures_in(device.raw_tokens())
-            if s.key_name == newest.key_name and s.token_id not in kept]
+            if s.key_name == newest.key_name and s.policy_ref == newest.policy_ref and s.token_id not in kept]
     going = [s for s in mine if s.epoch < newest.epoch
              or (s.selection, s.pcr_values) == (newest.selection, newest.pcr_values)]
     going += [s for s in mine if s not in going][KEPT - 1:]  # newest epoch first: the oldest go
