@@ -281,3 +281,25 @@ def test_a_machine_key_no_longer_on_encrypted_storage_approves_nothing(
     with pytest.raises(UsageError, match="is no longer on encrypted storage: nothing approved"):
         reseal(ResealOptions(str(disk), None, None, tpm.tcti, predicted=(after(tpm, 4, KERNEL_A),)))
     assert signatures(disk) == before
+
+
+def test_enroll_on_a_root_it_cannot_write_enrols_without_a_machine_key(disk: Path, key_file: Path, tpm: Swtpm,
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """STATE_DIR on dm-crypt but not writable (the root mounted read-only): the default enrolment says
+    why there is no machine key and enrols without one; `--signing-key machine` refuses in one line."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    state = blocker / "tpm2-unlocker"
+    monkeypatch.setenv("TPM2_UNLOCKER_STATE_DIR", str(state))
+    env = {"TPM2_UNLOCKER_SYSFS": str(encrypted_sysfs(tmp_path, tmp_path))}
+    done = run_cli("enroll", str(disk), "--unlock-key-file", str(key_file), "--pcrs", str(SEL), "--signing-key",
+                   "machine", tpm=tpm, env=env)
+    assert done.returncode == 1 and done.stderr.count(b"\n") == 1, done.stderr
+    assert f"cannot write the machine key in {state}: Not a directory".encode() in done.stderr
+    assert our_tokens(disk) == {}
+    done = run_cli("enroll", str(disk), "--unlock-key-file", str(key_file), "--pcrs", str(SEL), tpm=tpm, env=env)
+    assert done.returncode == 0, done.stderr.decode()
+    assert f"no machine key (cannot write the machine key in {state}: Not a directory): enrolling without a " \
+           "signing key".encode() in done.stderr
+    assert "signed" not in next(iter(our_tokens(disk).values()))

@@ -158,3 +158,14 @@ def test_a_state_dir_open_to_others_is_refused(tmp_path: Path, monkeypatch: pyte
     with pytest.raises(UsageError, match="is open to other users"):
         machine_key.create()
     assert not machine_key.key_path().exists()
+
+
+def test_a_state_dir_that_cannot_be_written_is_one_usage_error(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A root mounted read-only (an initramfs's view, a rescue system) or a file in the way: one line,
+    no OSError (enroll then enrols without a machine key)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv(machine_key.STATE_DIR_ENV, str(blocker / "tpm2-unlocker"))
+    with pytest.raises(UsageError, match="cannot write the machine key in .*tpm2-unlocker: Not a directory"):
+        machine_key.create()

@@ -112,13 +112,23 @@ def load() -> PrivateKey:
         _check_private(path)
     except FileNotFoundError:
         raise UsageError(f"there is no machine key at {path}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read the machine key {path}: {exc.strerror or exc}") from None
     return PrivateKey(str(path))
 
 
 def create() -> bool:
-    """Make the machine key unless there is one: True if this call made it. Written to a temporary
-    file (O_EXCL, 0600) and linked into place, so no reader ever sees half a key and two runs at once
-    keep one key (link, unlike rename, never replaces one already there)."""
+    """Make the machine key unless there is one: True if this call made it. A directory that cannot
+    be written (a root mounted read-only, a full disk) is a UsageError, said in one line."""
+    try:
+        return _create()
+    except OSError as exc:
+        raise UsageError(f"cannot write the machine key in {state_dir()}: {exc.strerror or exc}") from None
+
+
+def _create() -> bool:
+    """Written to a temporary file (O_EXCL, 0600) and linked into place, so no reader ever sees half a
+    key and two runs at once keep one key (link, unlike rename, never replaces one already there)."""
     serialization = cryptography_serialization()
     from cryptography.hazmat.primitives.asymmetric import ec
 
