@@ -217,9 +217,10 @@ def enroll_signed(disk: Path, tpm: Swtpm, work: Path) -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from unlocker.commands.enroll import Undo, prove
+    from unlocker.commands.enroll import prove
     from unlocker.commands.keys import PrivateKey
     from unlocker.commands.sign_policy import approve, new_signed
+    from unlocker.commands.undo import Undo
     from unlocker.luks import LuksDevice
     from unlocker.secret import Secret
     from unlocker.token import Token

@@ -82,7 +82,8 @@ def verb_lock(opts: argparse.Namespace) -> int:
 
 
 def verb_reseal(opts: argparse.Namespace) -> int:
-    from unlocker.commands.reseal import KEEP, Approval, Prediction, ResealOptions, reseal
+    from unlocker.commands.prediction import Prediction
+    from unlocker.commands.reseal import KEEP, Approval, ResealOptions, reseal
 
     lock = KEEP if opts.lock_pcr is None else None if opts.lock_pcr == options.NO_LOCK else opts.lock_pcr
     if opts.with_pin and opts.without_pin:
@@ -130,7 +131,7 @@ def verb_prepare_update(opts: argparse.Namespace) -> int:
 
 
 def verb_sign_policy(opts: argparse.Namespace) -> int:
-    from unlocker.commands.reseal import Prediction
+    from unlocker.commands.prediction import Prediction
     from unlocker.commands.sign_policy import SignOptions, sign_policy
 
     if opts.key is None:

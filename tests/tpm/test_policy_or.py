@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import PASSPHRASE, Swtpm, our_tokens, replace_token, run_cli
 
-from unlocker.commands.enroll import Undo, prove, seal_into_token
+from unlocker.commands.enroll import prove, seal_into_token
+from unlocker.commands.undo import Undo
 from unlocker.luks import LuksDevice
 from unlocker.pin import auth_value
 from unlocker.secret import Secret

@@ -15,8 +15,9 @@ import re
 from dataclasses import dataclass
 
 from unlocker.commands import others, pending
-from unlocker.commands.enroll import KEY_SIZE, PinAuth, Undo, add_sealed_keyslot
+from unlocker.commands.enroll import KEY_SIZE, PinAuth, add_sealed_keyslot
 from unlocker.commands.others import Adoptable, ClevisTpm2, SystemdTpm2
+from unlocker.commands.undo import Undo
 from unlocker.errors import CorruptError, PolicyError, UnlockerError, UsageError
 from unlocker.log import say
 from unlocker.luks import LuksDevice

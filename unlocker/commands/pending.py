@@ -32,7 +32,7 @@ from unlocker.token import BLOB_NAME_CHARS, NV_INDEX_MAX, NV_INDEX_MIN, STORES, 
 from unlocker.tpm.client import Tpm
 
 if TYPE_CHECKING:
-    from unlocker.commands.enroll import Undo
+    from unlocker.commands.undo import Undo
 
 PENDING_TOKEN_TYPE = "tpm2-unlocker-pending"
 RECOVERY_TOKEN_TYPE = "tpm2-unlocker-recovery"  # the recovery key's token (commands/recovery.py)

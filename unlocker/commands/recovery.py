@@ -12,8 +12,8 @@ import sys
 
 from unlocker import recovery
 from unlocker.commands import pending
-from unlocker.commands.enroll import Undo
 from unlocker.commands.pending import RECOVERY_TOKEN_TYPE
+from unlocker.commands.undo import Undo
 from unlocker.errors import UsageError
 from unlocker.lean.run import run
 from unlocker.log import say

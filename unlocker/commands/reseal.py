@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from unlocker import store
 from unlocker.branch import pending_chains
 from unlocker.commands import claims, pending
-from unlocker.commands.enroll import KEY_SIZE, Undo, pin_auth, prove, seal_into_token
+from unlocker.commands.enroll import KEY_SIZE, pin_auth, prove, seal_into_token
 from unlocker.commands.keyslots import why_keep
 from unlocker.commands.passphrase import existing_passphrase
+from unlocker.commands.prediction import Prediction, predict
+from unlocker.commands.undo import Undo
 from unlocker.errors import CorruptError, PinNeededError, UnlockerError, UsageError
 from unlocker.log import say
 from unlocker.luks import LuksDevice
@@ -64,27 +66,6 @@ class GraceRequest:
 
     left_out: tuple[int, ...]
     boots: int
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """What --predict replaces in the boot chain (unlocker.measure.predict.predict_pcrs's arguments)."""
-
-    kernel: str | None = None
-    bootloader: str | None = None
-    initrd: str | None = None
-    cmdline: str | None = None
-
-
-def predict(tpm: Tpm, selection: PcrSelection, prediction: Prediction) -> dict[int, bytes]:
-    """The values of `selection` the next boot will have (from the event log and the new components)."""
-    try:
-        from unlocker.measure.predict import predict_pcrs
-    except ImportError:
-        raise UsageError("this build cannot predict PCR values (it has no unlocker.measure); "
-                         "re-seal after the update's first boot instead") from None
-    return predict_pcrs(selection, kernel=prediction.kernel, bootloader=prediction.bootloader,
-                        initrd=prediction.initrd, cmdline=prediction.cmdline, tpm=tpm)
 
 
 def further_chains(tpm: Tpm, old: Token, selection: PcrSelection, opts: ResealOptions) -> list[PcrBranch]:

@@ -15,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from unlocker.commands import claims
-from unlocker.commands.enroll import Undo
 from unlocker.commands.keys import PrivateKey
+from unlocker.commands.prediction import Prediction
+from unlocker.commands.undo import Undo
 from unlocker.errors import CorruptError, UnlockerError, UsageError
 from unlocker.log import say
 from unlocker.luks import LuksDevice
@@ -51,7 +52,7 @@ class SignOptions:
     key: str
     tcti: str | None
     pcrs: str | None = None  # BANK:N[=HEX],...: the PCRs approved (N alone: its value now or predicted)
-    predict: object = None  # a commands.reseal.Prediction: approve the next boot's values
+    predict: Prediction | None = None  # approve the next boot's values
     retire_older: bool = False
 
 
@@ -103,9 +104,9 @@ def sign_one(tpm: Tpm, device: LuksDevice, token: Token, key: PrivateKey, opts: 
     if token.lock_pcr is not None and token.lock_pcr in selection.pcrs:
         raise UsageError(f"PCR {token.lock_pcr} is the lock PCR: the enrolment binds it itself")
     if opts.predict is not None:
-        from unlocker.commands.reseal import predict
+        from unlocker.commands.prediction import predict
 
-        values = predict(tpm, selection, opts.predict)  # type: ignore[arg-type]
+        values = predict(tpm, selection, opts.predict)
     else:
         values = tpm.read_pcrs(selection)
     values.update(given)
