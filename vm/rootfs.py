@@ -47,6 +47,7 @@ for w in $words; do
     tpm2u.hook=*) hook=${w#*=} ;;
     # an admin's public key the host staged on the ESP: the enrolment takes it (--signing-key)
     tpm2u.signing=1) signing="--signing-key /efi/staged/signing.pub.pem" ;;
+    tpm2u.signing=none) signing="--signing-key none" ;;
     # the root read-write, as an installed system's fstab has it (/var/lib/tpm2-unlocker: the machine key)
     tpm2u.rw=1) busybox mount -o remount,rw / ;;
   esac
