@@ -48,8 +48,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from vm.guest import PASSPHRASE, Guest, ImageKind
 from vm.images import source_binary
@@ -177,49 +179,14 @@ def enroll(variant: str, disk: Path, tpm: Swtpm, binary: Path) -> None:
              '{"pcr_bank":"sha256","pcr_ids":"16"}'], input=PASSPHRASE, env={"TPM2TOOLS_TCTI": tpm.tcti})
 
 
-def enroll_two_chains(disk: Path, tpm: Swtpm) -> None:
-    """Our enrolment with PolicyOR over two chains of PCRS: a value the PCR does not have, then the
-    one it has at every boot (what `reseal --predict` seals, then the boot on the predicted chain).
-    Made with the package's own functions, as the binary in the image reads the same token."""
+def _enrol_by_hand(disk: Path, tpm: Swtpm, branches: Callable[..., dict[str, Any]],
+                   after: Callable[..., object] | None = None) -> None:
+    """Our enrolment made with the package's own functions (the binary in the image reads the same
+    token): its first chain a value of PCRS the PCR does not have, `branches(tpm, selection, now, undo)`
+    the token's other branches (what boots), `after(tpm, device, token, now)` a step once it is written."""
     import hashlib
 
     from unlocker.commands.enroll import prove
-    from unlocker.luks import LuksDevice
-    from unlocker.secret import Secret
-    from unlocker.token import PcrBranch, Token
-    from unlocker.tpm.client import Tpm
-    from unlocker.tpm.policy import PcrSelection
-
-    selection = PcrSelection.parse(PCRS)
-    with Tpm(tpm.tcti) as t, Secret.random(32) as key:
-        now = t.read_pcrs(selection)
-        other = {p: hashlib.sha256(v + b"\x01" * len(v)).digest() for p, v in now.items()}
-        device = LuksDevice(str(disk))
-        slot = device.free_keyslot()
-        device.add_key(PASSPHRASE, key, slot)
-        # `other` first: the boot asserts the second branch, as on a predicted chain
-        token = Token(keyslot=slot, store="token", selection=selection, pcr_values=other, policy_hash=b"",
-                      srk_name=t.srk_name(), srk_public=t.srk_public(), lock_pcr=15,
-                      more_branches=[PcrBranch(selection, now)])
-        token.compute_policy()
-        sealed = t.seal(key, token.policy_hash)
-        token.public, token.private = sealed.public, sealed.private
-        device.import_token(token)
-        prove(t, device, token, key)
-
-
-def enroll_signed(disk: Path, tpm: Swtpm, work: Path) -> None:
-    """Our enrolment with a signing key (ECC P-256, made here): its sealed chain another value of PCRS,
-    and a signature approving the value the PCR has at every boot (epoch 0 of its counter), so the
-    boot takes the signed branch. The package's own functions, as the binary reads the same token."""
-    import hashlib
-
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    from unlocker.commands.enroll import prove
-    from unlocker.commands.keys import PrivateKey
-    from unlocker.commands.sign_policy import approve, new_signed
     from unlocker.commands.undo import Undo
     from unlocker.luks import LuksDevice
     from unlocker.secret import Secret
@@ -227,10 +194,6 @@ def enroll_signed(disk: Path, tpm: Swtpm, work: Path) -> None:
     from unlocker.tpm.client import Tpm
     from unlocker.tpm.policy import PcrSelection
 
-    pem = work / "bench-signing.pem"
-    pem.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    signing = PrivateKey(str(pem))
     selection = PcrSelection.parse(PCRS)
     with Tpm(tpm.tcti) as t, Secret.random(32) as key, Undo("bench enrolment") as undo:
         now = t.read_pcrs(selection)
@@ -240,14 +203,41 @@ def enroll_signed(disk: Path, tpm: Swtpm, work: Path) -> None:
         device.add_key(PASSPHRASE, key, slot)
         token = Token(keyslot=slot, store="token", selection=selection, pcr_values=other, policy_hash=b"",
                       srk_name=t.srk_name(), srk_public=t.srk_public(), lock_pcr=15,
-                      signed=new_signed(t, signing.public, selection, undo))
+                      **branches(t, selection, now, undo))
         token.compute_policy()
         sealed = t.seal(key, token.policy_hash)
         token.public, token.private = sealed.public, sealed.private
         device.import_token(token)
-        assert token.signed is not None
-        approve(t, device, token, signing, selection, now, t.counter_read(token.signed.epoch))
+        if after is not None:
+            after(t, device, token, now)
         prove(t, device, token, key)
+
+
+def enroll_two_chains(disk: Path, tpm: Swtpm) -> None:
+    """PolicyOR over two chains of PCRS: a value the PCR does not have, then the one it has at every
+    boot (what `reseal --predict` seals, then the boot on the predicted chain: the boot asserts the
+    second branch)."""
+    from unlocker.token import PcrBranch
+
+    _enrol_by_hand(disk, tpm, lambda t, selection, now, undo: {"more_branches": [PcrBranch(selection, now)]})
+
+
+def enroll_signed(disk: Path, tpm: Swtpm, work: Path) -> None:
+    """A signing key (ECC P-256, made here) beside a chain the PCR does not have, and a signature
+    approving the value it has at every boot (epoch 0 of its counter): the boot takes the signed branch."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from unlocker.commands.keys import PrivateKey
+    from unlocker.commands.sign_policy import approve, new_signed
+
+    pem = work / "bench-signing.pem"
+    pem.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    signing = PrivateKey(str(pem))
+    _enrol_by_hand(disk, tpm, lambda t, selection, now, undo: {"signed": new_signed(t, signing.public, selection, undo)},
+                   lambda t, device, token, now: approve(t, device, token, signing, token.selection, now,
+                                                         t.counter_read(token.signed.epoch)))
 
 
 def cmdline_extra(variant: str, trace: bool = False) -> str:
